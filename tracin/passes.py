@@ -1,0 +1,99 @@
+"""Checkpoint passes: load each checkpoint once and yield per-example gradients batch by batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from tracin.checkpoints import Checkpoint, load_weights
+from tracin.data import move_batch
+from tracin.gradients import BatchGradients, GradientComputer, batch_size
+from tracin.params import preserved_model_state
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with (examples done, examples in total) over all checkpoint passes."""
+
+
+@dataclass
+class BatchResult:
+    """Per-example gradients of one batch at one checkpoint, with where the batch sits."""
+
+    checkpoint: int
+    batch: int
+    start: int
+    inputs: Any
+    gradients: BatchGradients
+
+
+@contextmanager
+def tracing_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run the model in eval mode on ``device`` without autograd graphs, restoring everything after."""
+    original = next((tensor.device for tensor in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
+    with preserved_model_state(model), torch.no_grad():
+        model.to(device)
+        try:
+            yield
+        finally:
+            model.to(original)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Return ``device``, defaulting to CUDA when available, else CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def gradient_passes(
+    model: nn.Module,
+    checkpoints: list[Checkpoint],
+    loader: DataLoader,
+    computer: GradientComputer,
+    device: torch.device,
+    dtype: torch.dtype,
+    is_done: Callable[[int, int], bool] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Iterator[BatchResult]:
+    """Yield per-example gradients for every (checkpoint, batch) block not yet done.
+
+    Checkpoints are the outer loop, so each is loaded once. Call inside :func:`tracing_mode`.
+    """
+    n_examples = len(loader.dataset)
+    total = n_examples * len(checkpoints)
+    done_examples = 0
+    for position, checkpoint in enumerate(checkpoints):
+        if is_done is not None and all(is_done(position, batch) for batch in range(len(loader))):
+            done_examples += n_examples
+            if progress is not None:
+                progress(done_examples, total)
+            continue
+        weights = load_weights(model, checkpoint)
+        prepared = computer.prepare({name: _cast(value, device, dtype) for name, value in weights.items()})
+        start = 0
+        for batch_position, batch in enumerate(loader):
+            size = batch_size(batch)
+            if is_done is None or not is_done(position, batch_position):
+                batch = move_batch(batch, device, dtype)
+                yield BatchResult(position, batch_position, start, batch, computer(prepared, batch))
+            start += size
+            done_examples += size
+            if progress is not None:
+                progress(done_examples, total)
+        logger.debug("checkpoint %d/%d done: %s", position + 1, len(checkpoints), checkpoint.path)
+
+
+def _cast(value: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    value = value.to(device)
+    return value.to(dtype) if value.is_floating_point() else value
+
+
+def flatten_gradients(gradients: BatchGradients) -> Tensor:
+    """Concatenate the tracked parameters' gradients into one row per example, shape ``(B, P)``."""
+    return torch.cat([grad.flatten(1) for grad in gradients.grads.values()], dim=1)
