@@ -131,3 +131,24 @@ def brute_force_influence(model_factory, checkpoint_paths, lrs, train, test, nam
         test_grads = torch.stack([per_example_gradient(model, state, *test[i], names) for i in range(len(test))])
         matrix += lr * (test_grads @ train_grads.T).numpy()
     return matrix
+
+
+def train_checkpoints(model: nn.Module, dataset, directory: Path, lrs: Sequence[float], steps: int = 5,
+                      batch_size: int = 16) -> list[Path]:
+    """Train ``model`` with plain SGD, ``steps`` full-batch-cycle updates per lr, saving after each lr phase."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    paths = []
+    step = 0
+    for phase, lr in enumerate(lrs):
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        for _ in range(steps):
+            for x, y in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                step += 1
+        path = directory / f"step={step:08d}.pt"
+        torch.save({"tracin_format_version": 1, "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+                    "global_step": step, "epoch": phase, "lr": [lr], "param_groups": None}, path)
+        paths.append(path)
+    return paths

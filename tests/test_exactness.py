@@ -28,9 +28,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("method", ["auto", "vmap"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_self_influence_matches_brute_force(case, dtype, tmp_path):
+def test_self_influence_matches_brute_force(case, dtype, method, tmp_path):
     factory, make_data = CASES[case]
     torch.manual_seed(0)
     model = factory()
@@ -41,7 +42,7 @@ def test_self_influence_matches_brute_force(case, dtype, tmp_path):
     data = make_data(dtype)
     tracked = [name for name, p in model.named_parameters() if p.requires_grad]
 
-    summary = trace_self_influence(model, paths, data, tmp_path / "run.h5", batch_size=16, dtype=dtype)
+    summary = trace_self_influence(model, paths, data, tmp_path / "run.h5", batch_size=16, dtype=dtype, method=method)
 
     expected = brute_force_self_influence(factory, paths, LRS, make_data(torch.float64), tracked)
     scores = summary.run.train["self_influence"]

@@ -79,14 +79,48 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", help="torch device, e.g. cpu or cuda:0; default cuda when available")
     _add_output_options(score)
 
+    influence = commands.add_parser(
+        "influence",
+        help="top proponents and opponents of test examples",
+        description="For each selected test example, find the train examples with the largest positive influence "
+        "(proponents: a gradient step on them lowered the test loss) and the most negative (opponents).",
+    )
+    influence.add_argument("store", type=Path, help="HDF5 store written by 'tracin score'")
+    influence.add_argument("--test", required=True, metavar="SELECTION",
+                           help="test split indices: 7, 0:100 (half-open range), 3,10:20 or all")
+    _add_gradient_options(influence)
+    _add_output_options(influence, default_top=10)
+
+    importance = commands.add_parser(
+        "importance",
+        help="net influence of each train example on a whole split",
+        description="Sum each train example's influence over a split: positive means it helped that split's loss go down.",
+    )
+    importance.add_argument("store", type=Path, help="HDF5 store written by 'tracin score'")
+    importance.add_argument("--against", default="test", choices=["train", "test"], help="split to sum over (default test)")
+    _add_gradient_options(importance)
+    _add_output_options(importance, default_top=10)
+
     show = commands.add_parser("show", help="print the tables of a stored run again without recomputing")
     show.add_argument("store", type=Path, help="HDF5 store written by 'tracin score'")
     _add_output_options(show)
     return parser
 
 
-def _add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top", type=_positive_int, default=20, help="rows in the table (default 20)")
+def _add_gradient_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--normalize", action="store_true",
+                        help="cosine scores: divide each gradient by its norm at each checkpoint")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="examples per batch (default 64)")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0; default cuda when available")
+    parser.add_argument("--storage-dtype", choices=["float16", "float32", "float64"], default="float32",
+                        help="dtype of the stored train gradients (default float32)")
+    parser.add_argument("--max-gradient-gib", type=float, default=16.0,
+                        help="largest size of stored train gradients over all checkpoints, in GiB (default 16)")
+
+
+def _add_output_options(parser: argparse.ArgumentParser, default_top: int = 20) -> None:
+    parser.add_argument("--top", type=_positive_int, default=default_top,
+                        help=f"rows in each table (default {default_top})")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout instead of a table")
     parser.add_argument("--png", type=Path, help="also write a contact sheet of the top images to this PNG file")
 
@@ -114,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands.score(args, make_progress)
         if args.command == "show":
             return commands.show(args)
+        if args.command == "influence":
+            return commands.influence(args, make_progress)
+        if args.command == "importance":
+            return commands.importance(args, make_progress)
     except TracInError as error:
         abort(str(error))
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ resolves the class and checks the arguments against its signature.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,14 +62,33 @@ def read_config(path: str | os.PathLike, text: str | None = None) -> RunConfig:
     )
 
 
+def import_class(class_path: str) -> type:
+    """Import ``package.module.Class`` and return the class."""
+    module_name, _, class_name = class_path.rpartition(".")
+    if not module_name:
+        raise ConfigurationError(f"class_path {class_path!r} is invalid; write it as package.module.ClassName.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"could not import module {module_name!r} of class_path {class_path!r}: {error}. Install the package "
+            "that defines it, or add its directory to PYTHONPATH."
+        ) from error
+    target = getattr(module, class_name, None)
+    if not isinstance(target, type):
+        raise ConfigurationError(f"module {module_name!r} defines no class {class_name!r} (class_path {class_path!r}).")
+    return target
+
+
 def instantiate(spec: ClassSpec) -> Any:
     """Import ``spec.class_path`` and call it with ``spec.init_args``, type-checked by jsonargparse."""
     from jsonargparse import ArgumentParser
 
+    target = import_class(spec.class_path)
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--target", type=Any)
     try:
-        parsed = parser.parse_object({"target": {"class_path": spec.class_path, "init_args": spec.init_args}})
+        parser.add_class_arguments(target, "target")
+        parsed = parser.parse_object({"target": spec.init_args})
         return parser.instantiate(parsed).target
     except Exception as error:  # jsonargparse raises several types; the message names the cause
         raise ConfigurationError(

@@ -48,15 +48,24 @@ class BatchGradients:
         grads: Tracked parameter name to gradient of shape ``(B, *param.shape)``.
         losses: Loss of each example, shape ``(B,)``.
         outputs: Model outputs of shape ``(B, ...)``, or None when the loss does not return them.
+        squared_norms: Squared gradient norm per tracked parameter, ``(B, n_tracked)``, when
+            computed without forming ``grads``.
     """
 
     grads: dict[str, Tensor]
     losses: Tensor
     outputs: Tensor | None
+    squared_norms: Tensor | None = None
+
+    def parameter_squared_norms(self) -> Tensor:
+        """Return the squared gradient norm per tracked parameter, shape ``(B, n_tracked)``."""
+        if self.squared_norms is not None:
+            return self.squared_norms
+        return torch.stack([grad.flatten(1).pow(2).sum(dim=1) for grad in self.grads.values()], dim=1)
 
 
 class GradientComputer:
-    """Computes per-example gradients of a per-example loss for one model and tracked parameters.
+    """Computes per-example gradients of a per-example loss with ``vmap``, for any model and parameters.
 
     Args:
         model: The model, in eval mode while gradients are computed.
@@ -94,6 +103,12 @@ class GradientComputer:
         grads = {name[len("model."):]: value for name, value in grads.items()}
         return BatchGradients(grads=grads, losses=losses, outputs=outputs if outputs.dim() > 1 else None)
 
+    def squared_norms(self, prepared: tuple[dict[str, Tensor], dict[str, Tensor]], batch: Any) -> BatchGradients:
+        """Compute per-example gradients and return them with their squared norms per parameter."""
+        result = self(prepared, batch)
+        result.squared_norms = result.parameter_squared_norms()
+        return result
+
     def _check_loss(self, tracked: dict[str, Tensor], others: dict[str, Tensor], batch: Any) -> None:
         """Call the loss once on the whole batch to check it returns one value per example."""
         with torch.no_grad():
@@ -109,3 +124,23 @@ def batch_size(batch: Any) -> int:
     if not leaves:
         raise TypeError(f"batch of type {type(batch).__name__} holds no tensor.")
     return leaves[0].shape[0]
+
+
+GRADIENT_METHODS = ("auto", "vmap")
+
+
+def make_gradient_computer(model: nn.Module, loss: PerExampleLoss, tracked: list[str], method: str = "auto"):
+    """Return the gradient computer for ``method``.
+
+    ``"auto"`` uses closed forms for Linear, Conv1d, Conv2d and BatchNorm layers and
+    ``vmap`` for every other parameter; ``"vmap"`` uses ``vmap`` for all parameters.
+    """
+    if method == "vmap":
+        return GradientComputer(model, loss, tracked)
+    if method == "auto":
+        from tracin.layer_gradients import LayerGradientComputer
+
+        return LayerGradientComputer(model, loss, tracked)
+    from tracin.errors import ConfigurationError
+
+    raise ConfigurationError(f"gradient method {method!r} is invalid; choose one of {GRADIENT_METHODS}.")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from tracin.checkpoints import Checkpoint, load_weights
 from tracin.data import move_batch
-from tracin.gradients import BatchGradients, GradientComputer, batch_size
+from tracin.gradients import BatchGradients, batch_size
 from tracin.params import preserved_model_state
 
 logger = logging.getLogger(__name__)
@@ -55,15 +55,18 @@ def gradient_passes(
     model: nn.Module,
     checkpoints: list[Checkpoint],
     loader: DataLoader,
-    computer: GradientComputer,
+    computer: Any,
     device: torch.device,
     dtype: torch.dtype,
     is_done: Callable[[int, int], bool] | None = None,
     progress: ProgressCallback | None = None,
+    squared_norms: bool = False,
 ) -> Iterator[BatchResult]:
     """Yield per-example gradients for every (checkpoint, batch) block not yet done.
 
     Checkpoints are the outer loop, so each is loaded once. Call inside :func:`tracing_mode`.
+    With ``squared_norms=True`` the results carry squared norms per parameter and may
+    leave ``grads`` empty.
     """
     n_examples = len(loader.dataset)
     total = n_examples * len(checkpoints)
@@ -81,7 +84,8 @@ def gradient_passes(
             size = batch_size(batch)
             if is_done is None or not is_done(position, batch_position):
                 batch = move_batch(batch, device, dtype)
-                yield BatchResult(position, batch_position, start, batch, computer(prepared, batch))
+                compute = computer.squared_norms if squared_norms else computer
+                yield BatchResult(position, batch_position, start, batch, compute(prepared, batch))
             start += size
             done_examples += size
             if progress is not None:

@@ -87,7 +87,7 @@ def outlier_rows(run: StoredRun, top: int) -> tuple[list[OutlierRow], list[Outli
     return ranked, nonfinite
 
 
-def _label_text(value: int) -> str:
+def label_text(value: int) -> str:
     return "?" if value < 0 else str(value)
 
 
@@ -110,8 +110,8 @@ def outlier_table(rows: Sequence[OutlierRow], nonfinite: Sequence[OutlierRow], n
         table.add_row(
             str(row.rank),
             str(row.index),
-            _label_text(row.label),
-            _label_text(row.prediction),
+            label_text(row.label),
+            label_text(row.prediction),
             f"{row.self_influence:.6g}",
             f"{row.loss:.4g}",
             "-" if row.margin_rank is None else str(row.margin_rank),
@@ -119,7 +119,7 @@ def outlier_table(rows: Sequence[OutlierRow], nonfinite: Sequence[OutlierRow], n
         )
     for row in nonfinite:
         table.add_row(
-            "NaN", str(row.index), _label_text(row.label), _label_text(row.prediction),
+            "NaN", str(row.index), label_text(row.label), label_text(row.prediction),
             f"{row.self_influence}", f"{row.loss:.4g}", "-", style="red",
         )
     return table
@@ -193,15 +193,15 @@ def write_image_grid(
 
 def write_outlier_sheet(rows: Sequence[OutlierRow], dataset, path: str | os.PathLike) -> Path:
     """Write a contact sheet of the outlier rows' images with label, prediction and score under each."""
-    images = [image_array(_input_of(dataset[row.index])) for row in rows]
+    images = [image_array(input_of(dataset[row.index])) for row in rows]
     captions = [
-        f"#{row.index} label {_label_text(row.label)}\npred {_label_text(row.prediction)}  {row.self_influence:.3g}"
+        f"#{row.index} label {label_text(row.label)}\npred {label_text(row.prediction)}  {row.self_influence:.3g}"
         for row in rows
     ]
     return write_image_grid(images, captions, path, title="Top train examples by self-influence")
 
 
-def _input_of(item) -> torch.Tensor:
+def input_of(item) -> torch.Tensor:
     if isinstance(item, (tuple, list)):
         return item[0]
     if isinstance(item, dict):

@@ -7,7 +7,8 @@ Layout (format version 1)::
     │          loss, created (ISO 8601, UTC), checkpoint_dir, config, fingerprint,
     │          complete
     ├── checkpoints/
-    │   ├── 0000  attrs: path, step, epoch, lr (per param group), position
+    │   ├── 0000  attrs: path, step, epoch, lr (per param group), position,
+    │   │         parameter_lr (the rate of each tracked parameter)
     │   └── ...
     ├── train/
     │   ├── index                       (N,)    int64    dataset index of each row

@@ -38,7 +38,7 @@ from tracin.errors import (
     ZeroGradientWarning,
     ZeroLearningRateWarning,
 )
-from tracin.gradients import BatchGradients, GradientComputer, batch_size
+from tracin.gradients import BatchGradients, batch_size, make_gradient_computer
 from tracin.losses import PerExampleLoss, loss_name, resolve_loss
 from tracin.params import select_parameters
 from tracin.passes import ProgressCallback, gradient_passes, resolve_device, tracing_mode
@@ -80,6 +80,7 @@ def trace_self_influence(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     run_info: dict[str, str] | None = None,
+    method: str = "auto",
 ) -> TraceSummary:
     """Compute the self-influence of every train example and write it to an HDF5 store.
 
@@ -102,6 +103,9 @@ def trace_self_influence(
         overwrite: Replace an existing store at ``out``.
         progress: Called after each batch with (examples done, total).
         run_info: Extra root attributes, e.g. ``checkpoint_dir`` and ``config``.
+        method: ``"auto"`` computes gradient norms of Linear, Conv and BatchNorm layers in
+            closed form and uses ``vmap`` for other parameters; ``"vmap"`` uses ``vmap`` for all.
+            Both are exact.
 
     Returns:
         A :class:`TraceSummary` with the store read back; ``summary.run.train["self_influence"]``
@@ -126,13 +130,13 @@ def trace_self_influence(
     writer = ScoreWriter(
         out,
         metadata,
-        [_checkpoint_attrs(checkpoint) for checkpoint in checkpoint_list],
+        [_checkpoint_attrs(checkpoint, rates) for checkpoint, rates in zip(checkpoint_list, lr_table)],
         n_batches=len(loader),
         overwrite=overwrite,
     )
     try:
         with tracing_mode(model, device):
-            computer = GradientComputer(model, loss_fn, tracked)
+            computer = make_gradient_computer(model, loss_fn, tracked, method)
             statistics = _trace_passes(model, checkpoint_list, loader, writer, computer, lr_table, device, dtype, progress)
         path = writer.finalize()
     except BaseException:
@@ -147,12 +151,13 @@ def _as_checkpoints(checkpoints: Any, lr: float | Sequence[float] | None) -> lis
     return discover_checkpoints(checkpoints, lr)
 
 
-def _checkpoint_attrs(checkpoint: Checkpoint) -> dict[str, Any]:
+def _checkpoint_attrs(checkpoint: Checkpoint, parameter_lr: np.ndarray) -> dict[str, Any]:
     return {
-        "path": str(checkpoint.path),
+        "path": str(checkpoint.path.resolve()),
         "step": checkpoint.step,
         "epoch": checkpoint.epoch,
         "lr": np.array(checkpoint.lr if checkpoint.lr is not None else [], dtype=np.float64),
+        "parameter_lr": parameter_lr,
     }
 
 
@@ -202,7 +207,7 @@ def _trace_passes(
     checkpoints: list[Checkpoint],
     loader: DataLoader,
     writer: ScoreWriter,
-    computer: GradientComputer,
+    computer: Any,
     lr_table: np.ndarray,
     device: torch.device,
     dtype: torch.dtype,
@@ -210,7 +215,8 @@ def _trace_passes(
 ) -> _Statistics:
     statistics = _Statistics()
     last = len(checkpoints) - 1
-    passes = gradient_passes(model, checkpoints, loader, computer, device, dtype, writer.is_done, progress)
+    passes = gradient_passes(model, checkpoints, loader, computer, device, dtype, writer.is_done, progress,
+                             squared_norms=True)
     for block in passes:
         lr = torch.as_tensor(lr_table[block.checkpoint], dtype=torch.float64, device=device)
         size = batch_size(block.inputs)
@@ -234,8 +240,7 @@ def _batch_columns(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     # Squared norm per tracked parameter, shape (B, n_tracked), summed in the compute dtype and
     # weighted by each parameter's learning rate in float64.
-    squared = torch.stack([grad.flatten(1).pow(2).sum(dim=1) for grad in result.grads.values()], dim=1)
-    squared = squared.to(torch.float64)
+    squared = result.parameter_squared_norms().to(torch.float64)
     finite = squared[torch.isfinite(squared)]
     if finite.numel():
         statistics.max_squared_norm = max(statistics.max_squared_norm, float(finite.max()))
