@@ -8,7 +8,8 @@ it, and :class:`TracInCheckpoint` records that rate next to the weights::
     dirpath/
       step=00000120.pt        # torch.save of a dict that loads with weights_only=True
       step=00000240.pt
-      tracin_manifest.json    # checkpoints in training order, model and datamodule classes
+      tracin_manifest.json    # checkpoints in training order, model and datamodule classes,
+                              # and the Trainer settings that `tracin verify` retrains with
 
 Each ``.pt`` file contains::
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import AcceleratorRegistry
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.utilities.rank_zero import WarningCache
@@ -119,6 +121,7 @@ class TracInCheckpoint(Callback):
         self._step_at_previous_batch_end = 0
         self._module_spec: ClassSpec | None = None
         self._datamodule_spec: ClassSpec | None = None
+        self._trainer_settings: dict[str, Any] | None = None
         self._warning_cache = WarningCache()
 
     @property
@@ -132,13 +135,14 @@ class TracInCheckpoint(Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Record the classes to rebuild and reconcile the manifest with the restored state."""
+        """Record the classes to rebuild and the Trainer settings, then reconcile the manifest with the restored state."""
         # Runs after Lightning restored the callback state and the global step, also
         # for strategies that restore after setup.
         self._step_at_previous_batch_end = trainer.global_step
         self._module_spec = self._class_spec(pl_module, "module")
         datamodule = trainer.datamodule
         self._datamodule_spec = None if datamodule is None else self._class_spec(datamodule, "datamodule")
+        self._trainer_settings = _trainer_settings(trainer)
         if trainer.is_global_zero:
             self._reconcile_manifest()
 
@@ -247,6 +251,7 @@ class TracInCheckpoint(Callback):
             checkpoints=list(self._entries),
             module=self._module_spec,
             datamodule=self._datamodule_spec,
+            trainer=self._trainer_settings,
         )
         write_manifest(self.dirpath, manifest)
 
@@ -369,6 +374,29 @@ def _resolve_dirpath(dirpath: str | os.PathLike[str]) -> Path:
             "Pass a new or existing directory."
         )
     return path
+
+
+def _trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
+    """Return the Trainer settings that decide which updates a retraining applies, as JSON values."""
+    accelerator_class = type(trainer.accelerator)
+    # The registry name ("cpu", "cuda", "mps", "tpu") is what pl.Trainer(accelerator=...) accepts.
+    accelerator = next(
+        (name for name, entry in AcceleratorRegistry.items() if entry["accelerator"] is accelerator_class),
+        f"{accelerator_class.__module__}.{accelerator_class.__qualname__}",
+    )
+    algorithm = trainer.gradient_clip_algorithm
+    return {
+        "max_epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+        "limit_train_batches": trainer.limit_train_batches,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "gradient_clip_val": trainer.gradient_clip_val,
+        "gradient_clip_algorithm": None if algorithm is None else str(getattr(algorithm, "value", algorithm)),
+        "precision": str(trainer.precision),
+        "accelerator": accelerator,
+        "num_devices": trainer.num_devices,
+        "num_nodes": trainer.num_nodes,
+    }
 
 
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:

@@ -152,3 +152,56 @@ def train_checkpoints(model: nn.Module, dataset, directory: Path, lrs: Sequence[
                     "global_step": step, "epoch": phase, "lr": [lr], "param_groups": None}, path)
         paths.append(path)
     return paths
+
+
+class TiedOutput(nn.Module):
+    """An ``embed`` Linear 6->4 whose weight is used again as the output layer, 6->4 logits.
+
+    The closed-form gradient of ``embed.weight`` covers only its own module's call, so
+    the layer path must detect the second use and compute that weight with vmap.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 4)
+        self.mid = nn.Linear(4, 6)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.mid(torch.tanh(self.embed(x))))
+        return F.linear(hidden, self.embed.weight)
+
+
+class SingleLogit(nn.Module):
+    """A Linear 4->1 followed by log_softmax over its one output, so every output and gradient is zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return torch.log_softmax(self.fc(x), dim=1)
+
+
+class HookedBatchNormMLP(nn.Module):
+    """Linear 6->8, BatchNorm1d, a frozen Linear 8->8 and a head 8->3, for model-state checks."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.frozen = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.frozen(torch.relu(self.bn(self.fc(x))))))
+
+
+def write_checkpoint(path: Path, state: dict, lr: float | None = 0.1, step: int = 1, **extra) -> Path:
+    """Save ``state`` as a checkpoint in TracIn's file format; ``lr=None`` records no learning rate."""
+    content = {"tracin_format_version": 1, "state_dict": state, "global_step": step, "epoch": 0,
+               "param_groups": None, **extra}
+    if lr is not None:
+        content["lr"] = [lr]
+    torch.save(content, path)
+    return path

@@ -118,3 +118,30 @@ class UnsavedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(32, self.batch_size)
+
+
+class SingleLogitClassifier(pl.LightningModule):
+    """A Linear 6->1 with log_softmax over its one output: every loss is 0 and every gradient is zero.
+
+    All labels are 0. The module defines ``trace_dataset`` itself, so ``tracin score`` can
+    rebuild its data without a datamodule.
+    """
+
+    def __init__(self, n_examples: int = 16):
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Linear(N_FEATURES, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.body(features), dim=1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        features, labels = batch
+        return F.cross_entropy(self(features), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def trace_dataset(self, split: str = "train") -> TensorDataset:
+        features = make_dataset(self.hparams.n_examples).tensors[0]
+        return TensorDataset(features, torch.zeros(len(features), dtype=torch.long))

@@ -281,9 +281,15 @@ def match_state_dict(model: nn.Module, state: dict[str, Tensor], path: Path) -> 
 
 
 def _strip_wrapper_prefixes(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state) and not any(key.startswith(prefix) for key in expected):
-            state = {key[len(prefix):]: value for key, value in state.items()}
+    # Wrappers nest in either order: torch.compile(DDP(model)) saves "_orig_mod.module.*",
+    # DDP(torch.compile(model)) saves "module._orig_mod.*".
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(key.startswith(prefix) for key in state) and not any(key.startswith(prefix) for key in expected):
+                state = {key[len(prefix):]: value for key, value in state.items()}
+                stripped = True
     return state
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tracin.errors import TracInError
+from tracin.errors import ConfigurationError, TracInError
 
 logger = logging.getLogger("tracin")
 
@@ -71,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     score.add_argument("--params", action="append", metavar="GLOB",
                        help="track only parameters matching this name or glob; repeatable")
+    score.add_argument("--last-layer", action="store_true",
+                       help="track only the last nn.Linear layer (weight and bias); cheap and often enough for outliers")
     score.add_argument("--lr", type=_learning_rates,
                        help="learning rate to use instead of the recorded ones (required when a checkpoint records none): "
                             "one value, or one per checkpoint in training order, comma-separated")
     score.add_argument("--batch-size", type=_positive_int, default=64, help="examples per batch (default 64)")
     score.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
     score.add_argument("--device", help="torch device, e.g. cpu or cuda:0; default cuda when available")
+    _add_launch_options(score)
     _add_output_options(score)
 
     influence = commands.add_parser(
@@ -104,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print the tables of a stored run again without recomputing")
     show.add_argument("store", type=Path, help="HDF5 store written by 'tracin score'")
     _add_output_options(show)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check influence by retraining without the top proponents or outliers",
+        description="Retrain the run from scratch without influence-picked train examples, without as many "
+        "random ones, and without none, with the same seeds, and compare the test losses. Either --test with "
+        "--remove, or --remove-outliers.",
+    )
+    verify.add_argument("run_dir", type=Path, help="the run's checkpoint directory, written by TracInCheckpoint")
+    verify.add_argument("--test", metavar="SELECTION",
+                        help="test split indices whose top-K proponents to remove: 7, 0:10 (half-open range) or 3,5")
+    verify.add_argument("--remove", type=_positive_int, metavar="K",
+                        help="number of proponents (and of random train examples) to remove per test example")
+    verify.add_argument("--remove-outliers", type=_positive_int, metavar="K",
+                        help="remove the K train examples with the largest self-influence and report the whole "
+                             "test split's accuracy and loss")
+    verify.add_argument("--seeds", type=_positive_int, default=3,
+                        help="number of seeds, 0 to R-1, each shared by the three retrainings (default 3)")
+    verify.add_argument("--store", type=Path, help="HDF5 store written by 'tracin score'; default RUN_DIR/tracin.h5")
+    verify.add_argument("--accelerator",
+                        help="retrain on this accelerator (cpu, cuda, mps) instead of the one the run used")
+    _add_gradient_options(verify)
+    verify.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of a table")
     return parser
 
 
@@ -114,8 +140,29 @@ def _add_gradient_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0; default cuda when available")
     parser.add_argument("--storage-dtype", choices=["float16", "float32", "float64"], default="float32",
                         help="dtype of the stored train gradients (default float32)")
+    parser.add_argument("--project-dim", type=_positive_int, metavar="K",
+                        help="store train gradients projected to K dimensions per parameter (Kronecker-structured "
+                        "for Linear and Conv weights); default full dimension while under --max-gradient-gib")
+    parser.add_argument("--project-seed", type=int, default=0, help="seed of the projection matrices (default 0)")
     parser.add_argument("--max-gradient-gib", type=float, default=16.0,
                         help="largest size of stored train gradients over all checkpoints, in GiB (default 16)")
+
+
+def _add_launch_options(parser: argparse.ArgumentParser) -> None:
+    """Add Lightning Fabric's options for tracing with several processes; see docs/usage.md."""
+    parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"],
+                        help="accelerator of every process, as in Lightning; use it instead of --device")
+    parser.add_argument("--devices", default="1", metavar="N",
+                        help="processes per node, or which devices (2, 0,1 or auto), as in Lightning (default 1)")
+    parser.add_argument("--num-nodes", type=_positive_int, default=1, metavar="M",
+                        help="number of nodes; run the same command on each with MASTER_ADDR, MASTER_PORT and "
+                             "NODE_RANK set (default 1)")
+    parser.add_argument("--strategy", choices=["ddp"], default="ddp",
+                        help="how processes start and connect; ddp runs this command again for each extra device "
+                             "(default ddp)")
+    parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="seconds a process waits for the others to finish their shards before it fails "
+                             "(default 1800)")
 
 
 def _add_output_options(parser: argparse.ArgumentParser, default_top: int = 20) -> None:
@@ -144,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tracin import commands
 
     try:
+        _check_png_directory(args)
         if args.command == "score":
             return commands.score(args, make_progress)
         if args.command == "show":
@@ -152,11 +200,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands.influence(args, make_progress)
         if args.command == "importance":
             return commands.importance(args, make_progress)
+        if args.command == "verify":
+            return commands.verify(args, make_progress)
     except TracInError as error:
         abort(str(error))
     except KeyboardInterrupt:
         abort("interrupted; rerun the same command to resume from the blocks already stored.", 130)
     return 0
+
+
+def _check_png_directory(args: argparse.Namespace) -> None:
+    """Reject a --png file in a missing directory before any work is done."""
+    png = getattr(args, "png", None)
+    if png is not None and not png.parent.is_dir():
+        raise ConfigurationError(f"directory {png.parent} of --png {png} does not exist. Create it first.")
 
 
 def make_progress(description: str) -> Progress:

@@ -46,6 +46,10 @@ class SelectionError(TracInError, IndexError):
     """A selection of examples is empty or out of range."""
 
 
+class DistributedError(TracInError, RuntimeError):
+    """A rank of a multi-process trace failed, or timed out waiting for the other ranks."""
+
+
 class TracInWarning(UserWarning):
     """Base class of tracin's warnings."""
 

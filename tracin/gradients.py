@@ -77,6 +77,7 @@ class GradientComputer:
         self.wrapper = _LossModule(model, loss)
         self.loss = loss
         self.tracked = list(tracked)
+        self.projector = None
         self._checked = False
 
         def example_loss(tracked_weights: dict[str, Tensor], other_weights: dict[str, Tensor], example: Any):
@@ -101,7 +102,14 @@ class GradientComputer:
             self._check_loss(tracked, others, batch)
         grads, (losses, outputs) = self._per_example(tracked, others, batch)
         grads = {name[len("model."):]: value for name, value in grads.items()}
+        if self.projector is not None:
+            grads = {name: self.projector.project(name, value) for name, value in grads.items()}
         return BatchGradients(grads=grads, losses=losses, outputs=outputs if outputs.dim() > 1 else None)
+
+    def start_checkpoint(self, position: int) -> None:
+        """Select the projection matrices of checkpoint ``position``, when projecting."""
+        if self.projector is not None:
+            self.projector.start_checkpoint(position)
 
     def squared_norms(self, prepared: tuple[dict[str, Tensor], dict[str, Tensor]], batch: Any) -> BatchGradients:
         """Compute per-example gradients and return them with their squared norms per parameter."""
@@ -129,18 +137,22 @@ def batch_size(batch: Any) -> int:
 GRADIENT_METHODS = ("auto", "vmap")
 
 
-def make_gradient_computer(model: nn.Module, loss: PerExampleLoss, tracked: list[str], method: str = "auto"):
+def make_gradient_computer(model: nn.Module, loss: PerExampleLoss, tracked: list[str], method: str = "auto",
+                           projector=None):
     """Return the gradient computer for ``method``.
 
     ``"auto"`` uses closed forms for Linear, Conv1d, Conv2d and BatchNorm layers and
     ``vmap`` for every other parameter; ``"vmap"`` uses ``vmap`` for all parameters.
+    With a :class:`tracin.projection.Projector`, gradients come out projected.
     """
     if method == "vmap":
-        return GradientComputer(model, loss, tracked)
+        computer = GradientComputer(model, loss, tracked)
+        computer.projector = projector
+        return computer
     if method == "auto":
         from tracin.layer_gradients import LayerGradientComputer
 
-        return LayerGradientComputer(model, loss, tracked)
+        return LayerGradientComputer(model, loss, tracked, projector)
     from tracin.errors import ConfigurationError
 
     raise ConfigurationError(f"gradient method {method!r} is invalid; choose one of {GRADIENT_METHODS}.")

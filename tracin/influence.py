@@ -27,7 +27,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +43,22 @@ from tracin.losses import PerExampleLoss, resolve_loss
 from tracin.params import select_parameters
 from tracin.passes import ProgressCallback, flatten_gradients, gradient_passes, resolve_device, tracing_mode
 from tracin.selection import check_indices
-from tracin.store import GradientReader, GradientWriter, StoredRun, has_gradients, read_run
+from tracin.projection import Projector, ProjectionSpec
+from tracin.store import GradientReader, GradientWriter, StoredRun, gradient_info, read_run
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GRADIENT_BYTES = 16 * 2**30
 """Largest store of full-dimension train gradients, over all checkpoints, that tracin writes by default.
 
-Every query reads all of it once, so its size sets the floor of a query's time:
-16 GiB is about 10 to 30 seconds of sequential reading on a local SSD. Larger
-models need projected gradients.
+Every query reads all of it once, so its size sets the floor of a query's time.
+At sequential read speeds of 0.5 to 2 GB/s (an estimate for local SSDs, not
+measured here), 16 GiB takes about 10 to 35 seconds. Above the limit, gradients
+are projected.
 """
+
+DEFAULT_PROJECTION_DIM = 1024
+"""Projected dimension per parameter when full gradients exceed the size limit."""
 
 STORAGE_DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16}
 TRAIN_BLOCK = 4096
@@ -88,7 +93,7 @@ class TopInfluence:
 
 @dataclass
 class InfluenceContext:
-    """What influence queries need besides the store: model, checkpoints, loss and tracked parameters."""
+    """Model, checkpoints, loss, tracked parameters and projection that influence queries need besides the store."""
 
     model: nn.Module
     checkpoints: list[Checkpoint]
@@ -99,6 +104,21 @@ class InfluenceContext:
     dtype: torch.dtype
     batch_size: int = 64
     method: str = "auto"
+    projection: ProjectionSpec | None = None
+    _projector: Projector | None = field(default=None, repr=False)
+
+    @property
+    def projector(self) -> Projector | None:
+        """The projector of ``projection``, or None for full-dimension gradients."""
+        if self.projection is None:
+            return None
+        if self._projector is None or self._projector.spec != self.projection:
+            self._projector = Projector(self.model, self.tracked, self.projection)
+        return self._projector
+
+    def computer(self):
+        """Return a gradient computer for this context's method and projection."""
+        return make_gradient_computer(self.model, self.loss, self.tracked, self.method, self.projector)
 
     @classmethod
     def build(
@@ -111,12 +131,14 @@ class InfluenceContext:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         batch_size: int = 64,
+        method: str = "auto",
+        projection: ProjectionSpec | None = None,
     ) -> InfluenceContext:
         """Select the tracked parameters and look up each one's learning rate at each checkpoint."""
         tracked = select_parameters(model, params)
         lr_table = np.array([checkpoint.parameter_lr(tracked) for checkpoint in checkpoints], dtype=np.float64)
         return cls(model, checkpoints, resolve_loss(loss, model), tracked, lr_table,
-                   resolve_device(device), dtype, batch_size)
+                   resolve_device(device), dtype, batch_size, method, projection)
 
     @classmethod
     def from_store(
@@ -128,8 +150,12 @@ class InfluenceContext:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         batch_size: int = 64,
+        projection: ProjectionSpec | None = None,
     ) -> InfluenceContext:
-        """Use the checkpoints, learning rates, tracked parameters and dtype that a stored run was traced with."""
+        """Use the checkpoints, learning rates, tracked parameters and dtype that a stored run was traced with.
+
+        Without ``projection``, the projection of the store's train gradients is used, if any.
+        """
         tracked = list(run.attrs["params"])
         select_parameters(model, tracked)
         checkpoints = [
@@ -140,17 +166,24 @@ class InfluenceContext:
         if dtype is None:
             stored = json.loads(run.attrs.get("fingerprint", "{}")).get("dtype", "torch.float32")
             dtype = torch.float64 if stored == "torch.float64" else torch.float32
+        if projection is None:
+            info = gradient_info(run.path)
+            if info and info.get("projection_dim", 0) > 0:
+                projection = ProjectionSpec(int(info["projection_dim"]), int(info["projection_seed"]))
         return cls(model, checkpoints, resolve_loss(loss, model), tracked, lr_table,
-                   resolve_device(device), dtype, batch_size)
+                   resolve_device(device), dtype, batch_size, projection=projection)
 
-    def parameter_sizes(self) -> list[int]:
+    def gradient_sizes(self) -> list[int]:
+        """Length of each tracked parameter's block in a flattened (possibly projected) gradient."""
+        if self.projector is not None:
+            return self.projector.sizes()
         parameters = dict(self.model.named_parameters())
         return [parameters[name].numel() for name in self.tracked]
 
     def lr_vector(self, checkpoint: int) -> Tensor:
         """Learning rate of each element of a flattened gradient, shape ``(P,)``."""
         rates = torch.as_tensor(self.lr_table[checkpoint], dtype=torch.float64)
-        return torch.repeat_interleave(rates, torch.as_tensor(self.parameter_sizes()))
+        return torch.repeat_interleave(rates, torch.as_tensor(self.gradient_sizes()))
 
 
 def ensure_train_gradients(
@@ -164,29 +197,48 @@ def ensure_train_gradients(
 ) -> None:
     """Compute and store the train gradients of every checkpoint, unless the store already has them.
 
+    Full-dimension gradients are stored while they fit in ``max_bytes``. Above it,
+    and when ``context.projection`` is None, they are projected to
+    ``DEFAULT_PROJECTION_DIM`` per parameter (``context.projection`` is set to that).
+
     Raises:
-        ConfigurationError: the gradients would exceed ``max_bytes``, or ``storage_dtype`` is unknown.
+        ConfigurationError: the gradients would exceed ``max_bytes`` even projected, or
+            ``storage_dtype`` is unknown.
     """
     if storage_dtype not in STORAGE_DTYPES:
         raise ConfigurationError(f"storage dtype {storage_dtype!r} is invalid; choose one of {sorted(STORAGE_DTYPES)}.")
     dtype = np.dtype(STORAGE_DTYPES[storage_dtype])
-    if has_gradients(store):
-        return
     loader = ordered_loader(train_data, context.batch_size)
     n_examples = len(loader.dataset)
-    n_params = sum(context.parameter_sizes())
-    needed = n_examples * n_params * len(context.checkpoints) * dtype.itemsize
+    needed = n_examples * sum(context.gradient_sizes()) * len(context.checkpoints) * dtype.itemsize
+    if needed > max_bytes and context.projection is None:
+        context.projection = ProjectionSpec(DEFAULT_PROJECTION_DIM)
+        logger.warning(
+            "full train gradients need %.2f GiB, over the limit of %.2f GiB; projecting them to %d dimensions "
+            "per parameter (seed 0). Pass a projection dimension explicitly to choose another.",
+            needed / 2**30, max_bytes / 2**30, DEFAULT_PROJECTION_DIM,
+        )
+        needed = n_examples * sum(context.gradient_sizes()) * len(context.checkpoints) * dtype.itemsize
+    n_params = sum(context.gradient_sizes())
     if needed > max_bytes:
         raise ConfigurationError(
-            f"full train gradients need {needed / 2**30:.2f} GiB ({n_examples} examples x {n_params} parameters x "
+            f"train gradients need {needed / 2**30:.2f} GiB ({n_examples} examples x {n_params} dimensions x "
             f"{len(context.checkpoints)} checkpoints x {dtype.itemsize} bytes), over the limit of "
-            f"{max_bytes / 2**30:.2f} GiB. Raise the limit (--max-gradient-gib), track fewer parameters "
-            "(--params), or use float16 storage."
+            f"{max_bytes / 2**30:.2f} GiB. Raise the limit (--max-gradient-gib), project to fewer dimensions "
+            "(--project-dim), track fewer parameters, or use float16 storage."
         )
-    writer = GradientWriter(store, len(context.checkpoints), n_examples, n_params, len(loader), dtype)
+    attrs = {
+        "projection_dim": context.projection.dim if context.projection else 0,
+        "projection_seed": context.projection.seed if context.projection else 0,
+    }
+    info = gradient_info(store)
+    if info and info.get("complete") and info.get("n_params") == n_params and info.get("dtype") == dtype.name \
+            and all(info.get(key) == value for key, value in attrs.items()):
+        return
+    writer = GradientWriter(store, len(context.checkpoints), n_examples, n_params, len(loader), dtype, attrs)
     try:
         with tracing_mode(context.model, context.device):
-            computer = make_gradient_computer(context.model, context.loss, context.tracked, context.method)
+            computer = context.computer()
             passes = gradient_passes(context.model, context.checkpoints, loader, computer, context.device,
                                      context.dtype, writer.is_done, progress)
             for block in passes:
@@ -228,7 +280,7 @@ def test_gradients(
     predictions = np.full(len(indices), -1, dtype=np.int64)
     last = len(context.checkpoints) - 1
     with tracing_mode(context.model, context.device):
-        computer = make_gradient_computer(context.model, context.loss, context.tracked, context.method)
+        computer = context.computer()
         for block in gradient_passes(context.model, context.checkpoints, loader, computer, context.device, context.dtype):
             per_checkpoint[block.checkpoint].append(flatten_gradients(block.gradients).cpu())
             if block.checkpoint == last:
@@ -366,9 +418,9 @@ def importance(
     """
     loader = ordered_loader(against, context.batch_size)
     dtype = _accumulation_dtype(context.dtype)
-    sums = [torch.zeros(1, sum(context.parameter_sizes()), dtype=dtype) for _ in context.checkpoints]
+    sums = [torch.zeros(1, sum(context.gradient_sizes()), dtype=dtype) for _ in context.checkpoints]
     with tracing_mode(context.model, context.device):
-        computer = make_gradient_computer(context.model, context.loss, context.tracked, context.method)
+        computer = context.computer()
         for block in gradient_passes(context.model, context.checkpoints, loader, computer, context.device, context.dtype):
             grads = flatten_gradients(block.gradients).cpu().to(dtype)
             if normalize:

@@ -20,8 +20,10 @@ module uses it when it costs less than forming the gradient.
 Every batch is checked: the per-example gradients must sum to the batch
 gradient that autograd computes. A parameter that fails the check (say a weight
 also used outside its module, as in tied embeddings) moves to the ``vmap`` path
-for the rest of the run, with a warning. Parameters of other layers take the
-``vmap`` path from the start, and the log says which path each layer takes.
+for the rest of the run, with a warning. A NaN or infinite example makes the
+sums non-finite, so the check cannot run on its batch, and that batch takes the
+``vmap`` path. Parameters of other layers take the ``vmap`` path from the start,
+and the log says which path each layer takes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch.func import functional_call
 
 from tracin.gradients import BatchGradients, GradientComputer, _LossModule, batch_size
 from tracin.losses import PerExampleLoss, check_per_example
+from tracin.projection import Projector
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +73,11 @@ class LayerGradientComputer:
     :meth:`squared_norms`, which skips forming per-example gradients.
     """
 
-    def __init__(self, model: nn.Module, loss: PerExampleLoss, tracked: list[str]):
+    def __init__(self, model: nn.Module, loss: PerExampleLoss, tracked: list[str], projector: Projector | None = None):
         self.model = model
         self.loss = loss
         self.tracked = list(tracked)
+        self.projector = projector
         self.wrapper = _LossModule(model, loss)
         tracked_set = set(tracked)
         self.layers: dict[str, _Layer] = {}
@@ -98,6 +102,8 @@ class LayerGradientComputer:
     def _set_fallback(self, names: list[str]) -> None:
         self._fallback = [name for name in self.tracked if name in set(names)]
         self._vmap = GradientComputer(self.model, self.loss, self._fallback) if self._fallback else None
+        if self._vmap is not None:
+            self._vmap.projector = self.projector
         if self._fallback:
             logger.info("parameters on the vmap path: %s", ", ".join(self._fallback))
 
@@ -109,18 +115,29 @@ class LayerGradientComputer:
             prepared[name] = value.requires_grad_(True) if name in self.tracked else value
         return prepared
 
+    def start_checkpoint(self, position: int) -> None:
+        """Select the projection matrices of checkpoint ``position``, when projecting."""
+        if self.projector is not None:
+            self.projector.start_checkpoint(position)
+
     def __call__(self, prepared: dict[str, Tensor], batch: Any) -> BatchGradients:
-        """Compute per-example gradients, losses and outputs of one batch."""
-        losses, outputs, grads = self._layer_pass(prepared, batch, materialize=True)
+        """Compute per-example gradients (projected, with a projector), losses and outputs of one batch."""
+        mode = "project" if self.projector is not None else "grad"
+        losses, outputs, grads = self._layer_pass(prepared, batch, mode)
         return BatchGradients(grads=grads, losses=losses, outputs=outputs)
 
     def squared_norms(self, prepared: dict[str, Tensor], batch: Any) -> BatchGradients:
         """Return losses, outputs and squared gradient norms ``(B, n_tracked)`` in tracked order, without ``grads``."""
-        losses, outputs, norms = self._layer_pass(prepared, batch, materialize=False)
+        losses, outputs, norms = self._layer_pass(prepared, batch, "norm")
         squared = torch.stack([norms[name] for name in self.tracked], dim=1)
         return BatchGradients(grads={}, losses=losses, outputs=outputs, squared_norms=squared)
 
-    def _layer_pass(self, prepared: dict[str, Tensor], batch: Any, materialize: bool):
+    def _layer_pass(self, prepared: dict[str, Tensor], batch: Any, mode: str):
+        """Run one batched forward and backward; return losses, outputs and per-parameter results.
+
+        ``mode`` is ``"grad"`` (per-example gradients), ``"norm"`` (their squared norms) or
+        ``"project"`` (projected gradients, ``(B, k)`` per parameter).
+        """
         handles = [layer.module.register_forward_hook(self._recorder(layer)) for layer in self.layers.values()]
         try:
             with torch.enable_grad():
@@ -152,13 +169,13 @@ class LayerGradientComputer:
             layer.calls.clear()
             if all(_join(layer.name, local) in self._fallback for local in layer.params):
                 continue
-            per_layer, per_layer_sums = _layer_results(layer, calls, materialize)
+            per_layer, per_layer_sums = self._layer_results(layer, calls, mode)
             for local, value in per_layer.items():
                 name = _join(layer.name, local)
                 if name not in self._fallback:
                     results[name] = value
                     sums[name] = per_layer_sums[local]
-        failed = _check_sums(sums, batch_grads)
+        failed, unverified = _check_sums(sums, batch_grads)
         if failed:
             logger.warning(
                 "per-example gradients of %s do not sum to the batch gradient (the parameter is probably also used "
@@ -168,14 +185,42 @@ class LayerGradientComputer:
             self._set_fallback(self._fallback + failed)
             for name in failed:
                 results.pop(name)
+        detached = {name: value.detach() for name, value in prepared.items()}
         if self._vmap is not None:
-            vmap_prepared = self._vmap.prepare({name: value.detach() for name, value in prepared.items()})
-            extra = self._vmap(vmap_prepared, batch)
-            for name, value in extra.grads.items():
-                results[name] = value if materialize else value.flatten(1).pow(2).sum(dim=1)
+            _add_vmap_results(self._vmap, detached, batch, mode, results)
+        if unverified:
+            # A NaN or infinite example makes the sums non-finite, so the check cannot test the other
+            # examples of this batch. vmap computes each example on its own and needs no check.
+            logger.debug("batch with non-finite gradients; computing %s with vmap for it", ", ".join(unverified))
+            computer = GradientComputer(self.model, self.loss, unverified)
+            computer.projector = self.projector
+            _add_vmap_results(computer, detached, batch, mode, results)
         outputs = outputs.detach() if isinstance(outputs, Tensor) and outputs.dim() > 1 else None
         ordered = {name: results[name].detach() for name in self.tracked}
         return losses.detach(), outputs, ordered
+
+    def _layer_results(self, layer: _Layer, calls: list[tuple[Tensor, Tensor]], mode: str):
+        """Per-example results of one layer's parameters for ``mode``, with their batch sums."""
+        name = _join(layer.name, "weight")
+        kronecker = (
+            mode == "project"
+            and "weight" in layer.params
+            and not isinstance(layer.module, BATCH_NORMS)
+            and self.projector.is_kronecker(name)
+        )
+        values, sums = _layer_results(layer, calls, materialize=mode != "norm", form_weight=not kronecker)
+        if kronecker:
+            projected = None
+            for inputs, output_grad in calls:
+                a, delta = _positions(layer, inputs, output_grad)
+                part = self.projector.project_factors(name, a, delta)
+                projected = part if projected is None else projected + part
+            values["weight"] = projected
+        if mode == "project":
+            for local in values:
+                if not (kronecker and local == "weight"):
+                    values[local] = self.projector.project(_join(layer.name, local), values[local])
+        return values, sums
 
     def _recorder(self, layer: _Layer):
         def record(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -195,18 +240,34 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _check_sums(sums: dict[str, Tensor], batch_grads: dict[str, Tensor]) -> list[str]:
-    """Return the parameters whose per-example gradients do not sum to the autograd batch gradient."""
+def _add_vmap_results(computer: GradientComputer, weights: dict[str, Tensor], batch: Any, mode: str,
+                      results: dict[str, Tensor]) -> None:
+    """Compute ``computer.tracked`` with vmap and put results for ``mode`` into ``results``."""
+    extra = computer(computer.prepare(weights), batch)
+    for name, value in extra.grads.items():
+        results[name] = value.flatten(1).pow(2).sum(dim=1) if mode == "norm" else value
+
+
+def _check_sums(sums: dict[str, Tensor], batch_grads: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    """Compare each parameter's summed per-example gradients with the autograd batch gradient.
+
+    Returns:
+        The parameters whose sums differ, and the parameters that this batch cannot check
+        because the difference is NaN or infinite.
+    """
     failed = []
+    unverified = []
     for name, total in sums.items():
         expected = batch_grads.get(name)
         if expected is None:
             expected = torch.zeros_like(total)
         tolerance = (1e-9 if total.dtype == torch.float64 else 1e-4) * (float(expected.norm()) + 1e-30)
         difference = float((total - expected).norm())
-        if math.isfinite(difference) and difference > tolerance + 1e-30 * total.numel():
+        if not math.isfinite(difference):
+            unverified.append(name)
+        elif difference > tolerance + 1e-30 * total.numel():
             failed.append(name)
-    return failed
+    return failed, unverified
 
 
 def _positions(layer: _Layer, inputs: Tensor, output_grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,23 +284,29 @@ def _positions(layer: _Layer, inputs: Tensor, output_grad: Tensor) -> tuple[Tens
     return patches.transpose(1, 2), output_grad.flatten(2).transpose(1, 2)
 
 
-def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materialize: bool):
-    """Per-example gradients (or squared norms) and their batch sums for one layer, summed over its calls."""
+def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materialize: bool, form_weight: bool = True):
+    """Per-example gradients (or squared norms) and their batch sums for one layer, summed over its calls.
+
+    With ``form_weight=False`` only the batch sum of the weight gradient is formed.
+    """
     module = layer.module
     if isinstance(module, BATCH_NORMS):
         return _batch_norm_results(layer, calls, materialize)
     groups = getattr(module, "groups", 1)
-    weight_grad = bias_grad = None
+    weight_grad = weight_sum = bias_grad = None
     single_call = len(calls) == 1
     if not single_call:
         logger.debug("layer %s runs %d times per forward pass; forming its gradients", layer.name, len(calls))
     norms: dict[str, Tensor] = {}
     for inputs, output_grad in calls:
         a, delta = _positions(layer, inputs, output_grad)
-        if not materialize and single_call and groups == 1 and _gram_is_cheaper(a, delta):
-            norms["weight"] = _gram_squared_norm(a, delta)
-            # Only the batch sum is formed, for the check against autograd's batch gradient.
-            weight_grad = torch.einsum("bto,bti->oi", delta, a).reshape(module.weight.shape).unsqueeze(0)
+        gram = materialize is False and single_call and groups == 1 and _gram_is_cheaper(a, delta)
+        if not form_weight or gram:
+            # Only the batch sum of the weight gradient is formed, for the check against autograd.
+            total = torch.einsum("bto,bti->oi", delta, a).reshape(module.weight.shape)
+            weight_sum = total if weight_sum is None else weight_sum + total
+            if gram:
+                norms["weight"] = _gram_squared_norm(a, delta)
         else:
             grad = _grouped_outer(a, delta, groups).reshape(-1, *module.weight.shape)
             weight_grad = grad if weight_grad is None else weight_grad + grad
@@ -248,8 +315,8 @@ def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materializ
     values: dict[str, Tensor] = {}
     sums: dict[str, Tensor] = {}
     if "weight" in layer.params:
-        if "weight" in norms:
-            values["weight"], sums["weight"] = norms["weight"], weight_grad[0]
+        if weight_grad is None:
+            values["weight"], sums["weight"] = norms.get("weight"), weight_sum
         else:
             values["weight"] = weight_grad if materialize else weight_grad.flatten(1).pow(2).sum(dim=1)
             sums["weight"] = weight_grad.sum(dim=0)

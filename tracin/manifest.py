@@ -7,6 +7,7 @@ how to rebuild the model and the training data::
       "format_version": 1,
       "module": {"class_path": "pkg.mod.MyModule", "init_args": {...}},
       "datamodule": {"class_path": "pkg.data.MyData", "init_args": {...}} | null,
+      "trainer": {"max_epochs": 10, "max_steps": -1, "accumulate_grad_batches": 1, ...} | null,
       "checkpoints": [
         {"file": "step=00000120.pt", "step": 120, "epoch": 1,
          "lr": [0.1, 0.01], "param_groups": [["layer.weight", ...], [...]]},
@@ -17,7 +18,9 @@ how to rebuild the model and the training data::
 ``step`` is the number of optimizer updates applied before the save. ``lr`` has
 one entry per optimizer param group: the rate that the last optimizer step
 before the save used. ``param_groups`` lists the parameter names of each group,
-so a tracer can give each parameter the rate of its own group.
+so a tracer can give each parameter the rate of its own group. ``trainer``
+contains the Trainer settings that ``tracin verify`` retrains with. Manifests
+written before it existed have none.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ class ClassSpec:
 
 @dataclass
 class Manifest:
-    """Checkpoints of one training run and the classes needed to rebuild it."""
+    """Checkpoints of one training run, the classes needed to rebuild it, and its Trainer settings."""
 
     checkpoints: list[ManifestEntry] = field(default_factory=list)
     module: ClassSpec | None = None
     datamodule: ClassSpec | None = None
+    trainer: dict[str, Any] | None = None
     format_version: int = MANIFEST_FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -76,7 +80,7 @@ class Manifest:
         entries = [ManifestEntry(**entry) for entry in data.get("checkpoints", [])]
         module = ClassSpec(**data["module"]) if data.get("module") else None
         datamodule = ClassSpec(**data["datamodule"]) if data.get("datamodule") else None
-        return cls(checkpoints=entries, module=module, datamodule=datamodule)
+        return cls(checkpoints=entries, module=module, datamodule=datamodule, trainer=data.get("trainer"))
 
 
 def json_fallback(value: Any) -> Any:

@@ -48,6 +48,25 @@ def select_parameters(model: nn.Module, patterns: str | Sequence[str] | None = N
     return [name for name in all_names if name in selected]
 
 
+def last_linear_parameters(model: nn.Module) -> list[str]:
+    """Return the parameter names (weight, and bias when present) of the last ``nn.Linear`` module registered.
+
+    Raises:
+        ConfigurationError: the model has no ``nn.Linear`` module.
+    """
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = (name, module)
+    if last is None:
+        raise ConfigurationError(
+            f"{type(model).__name__} has no nn.Linear module, so --last-layer has nothing to track. "
+            "Select parameters with --params instead."
+        )
+    name, module = last
+    return [f"{name}.{local}" if name else local for local, _ in module.named_parameters(recurse=False)]
+
+
 def _format_names(names: list[str], limit: int = 40) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

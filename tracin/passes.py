@@ -78,6 +78,7 @@ def gradient_passes(
                 progress(done_examples, total)
             continue
         weights = load_weights(model, checkpoint)
+        computer.start_checkpoint(position)
         prepared = computer.prepare({name: _cast(value, device, dtype) for name, value in weights.items()})
         start = 0
         for batch_position, batch in enumerate(loader):

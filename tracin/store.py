@@ -106,6 +106,21 @@ class OutputLock:
             self.path.unlink(missing_ok=True)
 
 
+def check_output_path(path: Path, overwrite: bool) -> None:
+    """Raise StoreError when the directory of ``path`` is missing, or ``path`` exists and ``overwrite`` is False."""
+    if not path.parent.is_dir():
+        raise StoreError(f"output directory {path.parent} does not exist. Create it or choose another --out.")
+    if path.exists() and not overwrite:
+        raise StoreError(
+            f"output {path} already exists. Pass --overwrite (overwrite=True) to replace it, or choose another --out."
+        )
+
+
+def fingerprint_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Return the sorted names of the fingerprint fields whose values differ, including missing ones."""
+    return sorted(key for key in set(stored) | set(expected) if stored.get(key) != expected.get(key))
+
+
 @dataclass
 class RunMetadata:
     """Root attributes of a store."""
@@ -143,7 +158,7 @@ class ScoreWriter:
         self.metadata = metadata
         self.checkpoints = checkpoints
         self.n_batches = n_batches
-        self._check_output(overwrite)
+        check_output_path(self.path, overwrite)
         self.lock = OutputLock(self.path)
         self.lock.acquire()
         try:
@@ -151,17 +166,6 @@ class ScoreWriter:
         except BaseException:
             self.lock.release()
             raise
-
-    def _check_output(self, overwrite: bool) -> None:
-        if not self.path.parent.is_dir():
-            raise StoreError(
-                f"output directory {self.path.parent} does not exist. Create it or choose another --out."
-            )
-        if self.path.exists() and not overwrite:
-            raise StoreError(
-                f"output {self.path} already exists. Pass --overwrite (overwrite=True) to replace it, "
-                "or choose another --out."
-            )
 
     def _open(self) -> tuple[h5py.File, bool]:
         if self.partial.exists():
@@ -177,10 +181,7 @@ class ScoreWriter:
             logger.warning("partial output %s is unreadable (%s); starting over", self.partial, error)
             self.partial.unlink()
             return None
-        stored = json.loads(file.attrs.get("fingerprint", "{}"))
-        differing = sorted(
-            key for key in set(stored) | set(self.metadata.fingerprint) if stored.get(key) != self.metadata.fingerprint.get(key)
-        )
+        differing = fingerprint_differences(json.loads(file.attrs.get("fingerprint", "{}")), self.metadata.fingerprint)
         if differing:
             file.close()
             raise StoreError(
@@ -259,17 +260,42 @@ class ScoreWriter:
         train = self.file["train"]
         size = len(next(iter(columns.values())))
         stop = start + size
-        if train["index"].shape[0] < stop:
-            for name in ("index", "label", "prediction", "self_influence"):
-                train[name].resize((stop,))
-            for name in TRAIN_COLUMNS:
-                train[name].resize((stop, len(self.checkpoints)))
+        self._grow(stop)
         for name, values in (rows or {}).items():
             train[name][start:stop] = values
         for name, values in columns.items():
             train[name][start:stop, checkpoint] = values
         self.file["progress/done"][checkpoint, batch] = True
         self.file.flush()
+
+    def write_rows(self, start: int, columns: dict[str, np.ndarray], rows: dict[str, np.ndarray],
+                   batches: range) -> None:
+        """Write rows for every checkpoint at once and mark ``batches`` done at every checkpoint.
+
+        Merging the shard stores of a multi-process trace uses this in place of one
+        :meth:`write_block` per block.
+
+        Args:
+            start: First row.
+            columns: ``TRAIN_COLUMNS`` values, each of shape ``(B, C)``.
+            rows: ``index``, ``label`` and ``prediction``, each of shape ``(B,)``.
+            batches: Positions of the batches that these rows make up.
+        """
+        stop = start + len(rows["index"])
+        self._grow(stop)
+        train = self.file["train"]
+        for name, values in {**rows, **columns}.items():
+            train[name][start:stop] = values
+        self.file["progress/done"][:, batches.start:batches.stop] = True
+        self.file.flush()
+
+    def _grow(self, stop: int) -> None:
+        train = self.file["train"]
+        if train["index"].shape[0] < stop:
+            for name in ("index", "label", "prediction", "self_influence"):
+                train[name].resize((stop,))
+            for name in TRAIN_COLUMNS:
+                train[name].resize((stop, len(self.checkpoints)))
 
     def finalize(self) -> Path:
         """Sum self-influence over checkpoints, mark the file complete and rename it to its final name."""
@@ -359,7 +385,7 @@ def _decode(value: Any) -> Any:
 # Train gradients and influence results live in the same file as the scores:
 #
 #   gradients/
-#     attrs: n_params, dtype, complete
+#     attrs: n_params, dtype, complete, projection_dim (0: full dimension), projection_seed
 #     0000  (N, P) float32 or float16   gradient of each train example at checkpoint 0
 #     ...
 #     done  (C, n_batches) bool
@@ -377,7 +403,7 @@ class GradientWriter:
     """
 
     def __init__(self, path: str | os.PathLike, n_checkpoints: int, n_examples: int, n_params: int,
-                 n_batches: int, dtype: np.dtype):
+                 n_batches: int, dtype: np.dtype, attrs: dict[str, Any] | None = None):
         self.path = Path(path)
         self.lock = OutputLock(self.path)
         self.lock.acquire()
@@ -388,8 +414,10 @@ class GradientWriter:
             raise StoreError(f"{self.path} could not be opened for writing: {error}") from error
         group = self.file.get("gradients")
         expected = (n_examples, n_params)
+        attrs = attrs or {}
         if group is not None and (group.attrs.get("n_params") != n_params or np.dtype(group.attrs.get("dtype")) != dtype
-                                  or group["done"].shape != (n_checkpoints, n_batches)):
+                                  or group["done"].shape != (n_checkpoints, n_batches)
+                                  or any(group.attrs.get(key) != value for key, value in attrs.items())):
             logger.info("stored gradients of %s do not match this request; recomputing them", self.path)
             del self.file["gradients"]
             group = None
@@ -398,6 +426,8 @@ class GradientWriter:
             group.attrs["n_params"] = n_params
             group.attrs["dtype"] = np.dtype(dtype).name
             group.attrs["complete"] = False
+            for key, value in attrs.items():
+                group.attrs[key] = value
             rows = max(1, min(n_examples, (4 << 20) // max(1, n_params * np.dtype(dtype).itemsize)))
             for position in range(n_checkpoints):
                 group.create_dataset(f"{position:04d}", shape=expected, dtype=dtype, chunks=(rows, n_params))
@@ -423,10 +453,12 @@ class GradientWriter:
         self.lock.release()
 
 
-def has_gradients(path: str | os.PathLike) -> bool:
-    """Return whether a store holds a complete set of train gradients."""
+def gradient_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Return the attributes of a store's train gradients (n_params, dtype, complete, projection), or None."""
     with h5py.File(path, "r") as file:
-        return "gradients" in file and bool(file["gradients"].attrs.get("complete", False))
+        if "gradients" not in file:
+            return None
+        return {key: _decode(value) for key, value in file["gradients"].attrs.items()}
 
 
 class GradientReader:

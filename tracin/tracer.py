@@ -111,6 +111,69 @@ def trace_self_influence(
         A :class:`TraceSummary` with the store read back; ``summary.run.train["self_influence"]``
         has shape ``(N,)``.
     """
+    plan = plan_trace(model, checkpoints, train_data, loss=loss, params=params, lr=lr, batch_size=batch_size,
+                      dtype=dtype, device=device, run_info=run_info, method=method)
+    writer = ScoreWriter(out, plan.metadata, plan.checkpoint_attrs, n_batches=len(plan.loader), overwrite=overwrite)
+    try:
+        statistics = run_trace(plan, writer, progress)
+        path = writer.finalize()
+    except BaseException:
+        writer.close()
+        raise
+    return summarize_trace(read_run(path), statistics, plan.zero_lr, writer.resumed)
+
+
+@dataclass
+class TracePlan:
+    """The checked inputs of a trace and the metadata of its store.
+
+    Attributes:
+        model: The model.
+        checkpoints: Checkpoints in training order.
+        loader: The traced examples in dataset order.
+        loss: Per-example loss.
+        tracked: Names of the tracked parameters.
+        lr_table: Learning rate of each tracked parameter at each checkpoint, shape ``(C, n_tracked)``.
+        zero_lr: Positions of checkpoints whose learning rate is 0.
+        device: Where to compute.
+        dtype: Compute dtype.
+        method: ``"auto"`` or ``"vmap"``; see :func:`trace_self_influence`.
+        metadata: Root attributes of the store.
+        checkpoint_attrs: Attributes of each checkpoint in the store.
+        index_offset: Dataset index of the loader's first example. It is nonzero when the loader
+            reads one shard of a multi-process trace.
+    """
+
+    model: nn.Module
+    checkpoints: list[Checkpoint]
+    loader: DataLoader
+    loss: PerExampleLoss
+    tracked: list[str]
+    lr_table: np.ndarray
+    zero_lr: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    method: str
+    metadata: RunMetadata
+    checkpoint_attrs: list[dict[str, Any]]
+    index_offset: int = 0
+
+
+def plan_trace(
+    model: nn.Module,
+    checkpoints: str | os.PathLike | Sequence[str | os.PathLike] | Sequence[Checkpoint],
+    train_data: Dataset | DataLoader,
+    *,
+    loss: PerExampleLoss | nn.Module | None = None,
+    params: str | Sequence[str] | None = None,
+    lr: float | Sequence[float] | None = None,
+    batch_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    run_info: dict[str, str] | None = None,
+    method: str = "auto",
+) -> TracePlan:
+    """Check the inputs of a trace and build its store metadata; arguments as in :func:`trace_self_influence`."""
     checkpoint_list = _as_checkpoints(checkpoints, lr)
     loader = ordered_loader(train_data, batch_size)
     loss_fn = resolve_loss(loss, model)
@@ -122,27 +185,21 @@ def trace_self_influence(
             f"checkpoints {[str(checkpoint_list[p].path) for p in zero_lr]} have learning rate 0 "
             "(as at the start of a warmup), so they contribute nothing to any score.",
             ZeroLearningRateWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    device = resolve_device(device)
     n_examples = len(loader.dataset)
     metadata = _run_metadata(model, tracked, loss_fn, checkpoint_list, n_examples, loader, dtype, run_info)
-    writer = ScoreWriter(
-        out,
-        metadata,
-        [_checkpoint_attrs(checkpoint, rates) for checkpoint, rates in zip(checkpoint_list, lr_table)],
-        n_batches=len(loader),
-        overwrite=overwrite,
-    )
-    try:
-        with tracing_mode(model, device):
-            computer = make_gradient_computer(model, loss_fn, tracked, method)
-            statistics = _trace_passes(model, checkpoint_list, loader, writer, computer, lr_table, device, dtype, progress)
-        path = writer.finalize()
-    except BaseException:
-        writer.close()
-        raise
-    return _summarize(read_run(path), statistics, zero_lr, writer.resumed)
+    checkpoint_attrs = [_checkpoint_attrs(checkpoint, rates) for checkpoint, rates in zip(checkpoint_list, lr_table)]
+    return TracePlan(model, checkpoint_list, loader, loss_fn, tracked, lr_table, zero_lr, resolve_device(device),
+                     dtype, method, metadata, checkpoint_attrs)
+
+
+def run_trace(plan: TracePlan, writer: ScoreWriter, progress: ProgressCallback | None = None) -> TraceStatistics:
+    """Trace every block of ``plan`` that ``writer`` has not stored yet; the caller finalizes or closes ``writer``."""
+    with tracing_mode(plan.model, plan.device):
+        computer = make_gradient_computer(plan.model, plan.loss, plan.tracked, plan.method)
+        return _trace_passes(plan.model, plan.checkpoints, plan.loader, writer, computer, plan.lr_table, plan.device,
+                             plan.dtype, progress, plan.index_offset)
 
 
 def _as_checkpoints(checkpoints: Any, lr: float | Sequence[float] | None) -> list[Checkpoint]:
@@ -198,7 +255,9 @@ def _run_metadata(
 
 
 @dataclass
-class _Statistics:
+class TraceStatistics:
+    """Findings of the gradient passes besides the stored scores: the largest finite squared gradient norm."""
+
     max_squared_norm: float = 0.0
 
 
@@ -212,8 +271,9 @@ def _trace_passes(
     device: torch.device,
     dtype: torch.dtype,
     progress: ProgressCallback | None,
-) -> _Statistics:
-    statistics = _Statistics()
+    index_offset: int = 0,
+) -> TraceStatistics:
+    statistics = TraceStatistics()
     last = len(checkpoints) - 1
     passes = gradient_passes(model, checkpoints, loader, computer, device, dtype, writer.is_done, progress,
                              squared_norms=True)
@@ -226,6 +286,8 @@ def _trace_passes(
         if block.checkpoint != 0:
             rows.pop("index")
             rows.pop("label")
+        else:
+            rows["index"] += index_offset
         writer.write_block(block.checkpoint, block.batch, block.start, columns, rows)
     return statistics
 
@@ -236,7 +298,7 @@ def _batch_columns(
     lr: Tensor,
     start: int,
     size: int,
-    statistics: _Statistics,
+    statistics: TraceStatistics,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     # Squared norm per tracked parameter, shape (B, n_tracked), summed in the compute dtype and
     # weighted by each parameter's learning rate in float64.
@@ -275,7 +337,8 @@ def _margin(logits: Tensor, labels: Tensor) -> Tensor:
     return given - others.max(dim=1).values
 
 
-def _summarize(run: StoredRun, statistics: _Statistics, zero_lr: list[int], resumed: bool) -> TraceSummary:
+def summarize_trace(run: StoredRun, statistics: TraceStatistics, zero_lr: list[int], resumed: bool) -> TraceSummary:
+    """Read the findings of a complete trace from its store, warning about NaN scores and all-zero gradients."""
     scores = run.train["self_influence"]
     nonfinite = run.train["index"][~np.isfinite(scores)].tolist()
     if nonfinite:

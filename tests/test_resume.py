@@ -1,0 +1,116 @@
+"""Crash safety: kill -9 and resume, a refused second writer, and a fingerprint check on resume."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tracin import read_run
+from tracin.errors import StoreError
+from tracin.store import OutputLock, partial_path
+
+SCRIPT = Path(__file__).with_name("resume_run.py")
+# 200 examples in batches of 16 make 13 batches per checkpoint; the loss runs once per batch
+# (plus once to check its shape), so call 20 is the 6th batch of the second checkpoint.
+KILL_MID_SECOND_CHECKPOINT = 20
+
+
+def run_script(directory: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(directory), str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoints")
+    out = directory / "full.h5"
+    result = run_script(directory, out)
+    assert result.returncode == 0, result.stderr
+    return directory, read_run(out)
+
+
+def test_kill_then_resume_equals_uninterrupted(uninterrupted):
+    directory, full = uninterrupted
+    out = directory / "killed.h5"
+
+    killed = run_script(directory, out, "--kill-at", str(KILL_MID_SECOND_CHECKPOINT))
+
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    with h5py.File(partial_path(out), "r") as partial:
+        done = partial["progress/done"][...]
+    assert done[0].all()
+    assert 0 < done[1].sum() < done.shape[1]
+    assert not done[2].any()
+
+    resumed = run_script(directory, out)
+
+    assert resumed.returncode == 0, resumed.stderr
+    result = read_run(out)
+    np.testing.assert_array_equal(result.train["self_influence"], full.train["self_influence"])
+    np.testing.assert_array_equal(result.train["loss"], full.train["loss"])
+    np.testing.assert_array_equal(result.train["index"], full.train["index"])
+    assert not partial_path(out).exists()
+
+
+def test_resume_with_other_batch_size_names_field(uninterrupted):
+    directory, _ = uninterrupted
+    out = directory / "mismatch.h5"
+    killed = run_script(directory, out, "--kill-at", "5")
+    assert killed.returncode == -9
+
+    from tracin import trace_self_influence
+    from helpers import TinyMLP, digits_dataset
+
+    with pytest.raises(StoreError, match="batch_size"):
+        trace_self_influence(TinyMLP(), sorted(directory.glob("step=*.pt")), digits_dataset(200), out,
+                             batch_size=32)
+    assert partial_path(out).exists()
+
+
+def test_second_writer_refused_and_first_file_valid(uninterrupted, tmp_path):
+    directory, full = uninterrupted
+    out = tmp_path / "locked.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from tracin.store import OutputLock;"
+         "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); time.sleep(60)",
+         str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = run_script(directory, out)
+        assert second.returncode != 0
+        assert "being written by process" in second.stderr
+        assert "choose another --out" in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+    after = run_script(directory, out)
+    assert after.returncode == 0, after.stderr
+    np.testing.assert_array_equal(read_run(out).train["self_influence"], full.train["self_influence"])
+
+
+def test_lock_released_after_kill(tmp_path):
+    out = tmp_path / "run.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from tracin.store import OutputLock;"
+         "OutputLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)",
+         str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    time.sleep(0.1)
+
+    lock = OutputLock(out)
+    lock.acquire()
+    lock.release()

@@ -1,0 +1,217 @@
+"""``tracin verify``: counterfactual retraining on a real Lightning run of the digits demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from tracin import commands, read_run, trace_self_influence
+from tracin.callbacks import TracInCheckpoint
+from tracin.cli import build_parser, make_progress
+from tracin.demo import MLP, ImageClassificationDataModule
+from tracin.errors import ConfigurationError, SelectionError, StoreError
+from tracin.manifest import MANIFEST_NAME, Manifest, read_manifest
+from tracin.rebuild import rebuild_run
+from tracin.retrain import kept_indices, retrain, subset_loader, train_loader, trainer_settings
+from tracin.store import list_results, read_result
+from tracin.verify import OUTLIER_WAYS, verify_outliers, verify_test_examples
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The '?train_dataloader'? does not have many workers",
+    "ignore:The number of training batches",
+    "ignore:.*LeafSpec.*is deprecated",
+)
+
+N_TRAIN = 200
+N_TEST = 20
+BATCH_SIZE = 32
+EPOCHS = 2
+K = 5
+CLI_TIMEOUT_S = 180
+REMOVED = [3, 17, 64, 150, 199]
+
+
+class ExampleCounter(pl.Callback):
+    """Count the train examples that fit trains on, from the label count of every train batch."""
+
+    def __init__(self) -> None:
+        self.examples = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.examples += len(batch[1])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A 2-epoch fit of the demo MLP on 200 digits with TracInCheckpoint, scored into tracin.h5."""
+    directory = tmp_path_factory.mktemp("verify") / "run"
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TracInCheckpoint(dirpath=directory)],
+    )
+    data = ImageClassificationDataModule(dataset="digits", train_size=N_TRAIN, test_size=N_TEST, batch_size=BATCH_SIZE)
+    trainer.fit(MLP(image_size=8, hidden=16), datamodule=data)
+    run = rebuild_run(directory)
+    trace_self_influence(run.model, directory, run.dataset("train"), directory / "tracin.h5",
+                         run_info={"checkpoint_dir": str(directory), "config": ""})
+    return directory
+
+
+def test_manifest_records_trainer_settings(run_dir):
+    settings = read_manifest(run_dir).trainer
+
+    assert settings["max_epochs"] == EPOCHS
+    assert settings["max_steps"] == -1
+    assert settings["accumulate_grad_batches"] == 1
+    assert settings["gradient_clip_val"] is None
+    assert settings["precision"] == "32-true"
+    assert settings["accelerator"] == "cpu"
+
+
+def test_old_manifest_without_trainer_reads(run_dir, tmp_path):
+    data = json.loads((run_dir / MANIFEST_NAME).read_text())
+    del data["trainer"]
+
+    manifest = Manifest.from_dict(data)
+
+    assert manifest.trainer is None
+    with pytest.raises(ConfigurationError, match="records no Trainer settings"):
+        trainer_settings(manifest, tmp_path)
+    assert trainer_settings(manifest, tmp_path, {"max_epochs": 1}) == {"max_epochs": 1}
+
+
+def test_retrain_skips_exactly_removed_examples(run_dir):
+    counter = ExampleCounter()
+
+    retrained = retrain(run_dir, REMOVED, seed=0, callbacks=[counter], enable_progress_bar=False)
+
+    remaining = retrained.loader.dataset.indices
+    assert len(remaining) == N_TRAIN - len(REMOVED)
+    assert set(remaining) == set(range(N_TRAIN)) - set(REMOVED)
+    assert retrained.loader.batch_size == BATCH_SIZE
+    assert counter.examples == EPOCHS * (N_TRAIN - len(REMOVED))
+
+
+def test_same_seed_reproduces_model(run_dir):
+    first = retrain(run_dir, REMOVED, seed=1, enable_progress_bar=False).model.state_dict()
+    second = retrain(run_dir, REMOVED, seed=1, enable_progress_bar=False).model.state_dict()
+
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_subset_loader_keeps_settings_and_seeded_order(run_dir):
+    loader = train_loader(rebuild_run(run_dir), run_dir)
+    remaining = kept_indices(N_TRAIN, REMOVED)
+
+    first = subset_loader(loader, remaining, seed=3)
+    second = subset_loader(loader, remaining, seed=3)
+
+    assert first.collate_fn is loader.collate_fn
+    assert first.num_workers == loader.num_workers
+    assert torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in second]))
+
+
+def test_outliers_removes_top_self_influence(run_dir):
+    result = verify_outliers(run_dir, run_dir / "tracin.h5", K, seeds=1, enable_progress_bar=False)
+
+    scores = read_run(run_dir / "tracin.h5").train["self_influence"]
+    expected = np.argsort(-scores, kind="stable")[:K]
+    np.testing.assert_array_equal(result.outlier_removed, expected)
+    assert result.random_removed.shape == (1, K)
+    assert result.loss.shape == (len(OUTLIER_WAYS), 1)
+    assert np.isfinite(result.loss).all()
+    assert ((result.accuracy >= 0) & (result.accuracy <= 1)).all()
+
+
+@pytest.mark.parametrize(
+    ("test_indices", "k", "error", "match"),
+    [
+        ([N_TEST], K, SelectionError, "out of range"),
+        ([0], N_TRAIN, ConfigurationError, "K=200"),
+        ([0], 0, ConfigurationError, "K=0"),
+    ],
+)
+def test_verify_rejects_bad_input(run_dir, test_indices, k, error, match):
+    with pytest.raises(error, match=match):
+        verify_test_examples(run_dir, run_dir / "tracin.h5", test_indices, k, seeds=1)
+
+
+def test_verify_rejects_missing_store(run_dir, tmp_path):
+    with pytest.raises(StoreError, match="not found"):
+        verify_test_examples(run_dir, tmp_path / "missing.h5", [0], K, seeds=1)
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """Run ``python -m tracin.cli ARGS`` with a wide terminal, so rich does not truncate the table."""
+    return subprocess.run(
+        [sys.executable, "-m", "tracin.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=CLI_TIMEOUT_S,
+    )
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit code {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+
+
+def test_cli_verify_stores_result(run_dir):
+    store = run_dir / "tracin.h5"
+    before = list_results(store, "verify")
+
+    result = run_cli("verify", run_dir, "--test", "0", "--remove", K, "--seeds", 1)
+
+    assert result.returncode == 0, describe(result)
+    assert "Δ loss, top-K proponents removed" in result.stdout, describe(result)
+    assert "of 1 test examples" in " ".join(result.stdout.split()), describe(result)
+    name = f"verify/{len(before):04d}"
+    assert list_results(store, "verify") == [*before, name]
+    arrays, attrs = read_result(store, name)
+    assert attrs["mode"] == "test_examples"
+    assert arrays["loss"].shape == (1, 3, 1)
+    assert arrays["proponent_removed"].shape == (1, K)
+    assert arrays["random_removed"].shape == (1, 1, K)
+    assert np.isfinite(arrays["loss"]).all()
+    with h5py.File(store, "r") as file:
+        assert "verify/0000" in file
+
+
+def test_cli_verify_rejects_large_k(run_dir):
+    result = run_cli("verify", run_dir, "--test", "0", "--remove", N_TRAIN)
+
+    assert result.returncode == 2, describe(result)
+    assert "Pass 1 <= K <= 199" in " ".join(result.stderr.split()), describe(result)
+    assert "Traceback" not in result.stderr, describe(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--remove-outliers", "5", "--test", "0"], "separate check"),
+        (["--test", "0"], "needs --test SELECTION together with --remove K"),
+        (["--remove", "5"], "needs --test SELECTION together with --remove K"),
+    ],
+)
+def test_verify_command_rejects_mixed_modes(run_dir, args, message):
+    parsed = build_parser().parse_args(["verify", str(run_dir), *args])
+
+    with pytest.raises(ConfigurationError, match=message):
+        commands.verify(parsed, make_progress)
