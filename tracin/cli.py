@@ -34,7 +34,7 @@ def _stderr() -> Console:
 
 def abort(message: str, code: int = EXIT_USAGE) -> None:
     """Print an error to stderr, with markup off so user strings print as given, and exit."""
-    _stderr().print(f"error: {message}", markup=False, highlight=False, style="red")
+    _stderr().print(f"error: {message}", markup=False, highlight=False, style="red", soft_wrap=True)
     raise SystemExit(code)
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 
 import numpy as np
 
-from tracin import influence_report, report, verify_report
+from tracin import influence_report, report
 from tracin.cli import DTYPES, EXIT_ZERO_GRADIENTS, print_json
 from tracin.errors import ConfigurationError
 from tracin.influence import InfluenceContext, ensure_train_gradients, importance as net_importance, top_k_influence
@@ -19,9 +19,9 @@ from tracin.rebuild import RebuiltRun, rebuild_run
 from tracin.params import last_linear_parameters
 from tracin.projection import ProjectionSpec
 from tracin.selection import parse_selection
+from tracin.checkpoints import discover_checkpoints
 from tracin.store import StoredRun, append_result, check_output_path, read_run
 from tracin.tracer import trace_self_influence
-from tracin.verify import OUTLIER_WAYS, TEST_WAYS, check_removal_count, verify_outliers, verify_test_examples
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,11 @@ def score(args: argparse.Namespace, make_progress: Callable) -> int:
     # Check the output before loading the model and data, which can take minutes.
     check_output_path(out, args.overwrite)
     launch = _launches_processes(args)
+    lr = args.lr[0] if args.lr and len(args.lr) == 1 else args.lr
+    # Find the checkpoints and check --lr first: an empty directory should say so, not that a manifest is missing.
+    discover_checkpoints(args.checkpoint_dir, lr)
     run = rebuild_run(args.checkpoint_dir, args.config)
     train = run.dataset("train")
-    lr = args.lr[0] if args.lr and len(args.lr) == 1 else args.lr
     if launch:
         return _score_with_fabric(args, run, train, out, lr, make_progress)
     with make_progress("tracing self-influence") as progress:
@@ -196,6 +198,9 @@ def influence(args: argparse.Namespace, make_progress: Callable) -> int:
     test = run.dataset("test")
     # Parse the selection first, so a typo fails before the train gradients are computed.
     indices = parse_selection(args.test, len(test))
+    n_train = len(stored.train["index"])
+    if args.top > n_train:
+        raise ConfigurationError(f"--top {args.top} is larger than the {n_train} train examples; pass --top {n_train} or less.")
     context = _gradient_context(args, stored, run, make_progress)
     top = top_k_influence(args.store, context, test, indices, k=args.top, normalize=args.normalize)
     name = append_result(
@@ -254,6 +259,10 @@ def importance(args: argparse.Namespace, make_progress: Callable) -> int:
 
 def verify(args: argparse.Namespace, make_progress: Callable) -> int:
     """Retrain a run without influence-picked train examples, print how the test loss changed, and store it."""
+    # Imported here because they load the Lightning Trainer, which the other commands do not need.
+    from tracin import verify_report
+    from tracin.verify import OUTLIER_WAYS, TEST_WAYS, check_removal_count, verify_outliers, verify_test_examples
+
     outliers = args.remove_outliers is not None
     if outliers and (args.test is not None or args.remove is not None):
         raise ConfigurationError(
