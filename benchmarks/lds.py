@@ -1,4 +1,4 @@
-"""Linear datamodeling score (LDS) of TracInCP on MNIST, as defined for TRAK (Park et al., 2023).
+"""Linear datamodeling score (LDS) of TracInCP on MNIST, as defined for TRAK.
 
 Command (about 5 to 10 minutes on 2 CPU cores)::
 

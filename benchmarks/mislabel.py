@@ -16,9 +16,9 @@ A quick check of the whole pipeline (about 2 minutes)::
 
 Each run trains the demo SmallCNN (or the MLP) with a real ``pl.Trainer`` on the
 first ``--train-size`` MNIST train images, with ``--flip-fractions`` of the labels
-changed to another class. Training: plain SGD with learning rate 0.1, halved every
-2 epochs by StepLR, batch size 128, 4 epochs; ``TracInCheckpoint(every_n_epochs=1)``
-saves the 4 epoch-end checkpoints, and a second ``TracInCheckpoint`` saves every half
+changed to another class. Training uses plain SGD with learning rate 0.1, halved every
+2 epochs by StepLR, batch size 128 and 4 epochs. ``TracInCheckpoint(every_n_epochs=1)``
+saves the 4 epoch-end checkpoints. A second ``TracInCheckpoint`` saves every half
 epoch for the checkpoint-count variant. The seed (0, 1, 2, ...) drives the flipped
 labels, the weight initialization and the shuffling.
 
@@ -57,6 +57,7 @@ import argparse
 import copy
 import json
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -166,30 +167,38 @@ def train_run(kind: str, datamodule: pl.LightningDataModule, directory: Path, se
               mid_epoch: bool) -> tuple[pl.LightningModule, list[Checkpoint], list[Checkpoint]]:
     """Train one model; return it with its epoch-end checkpoints and its mid-epoch checkpoints.
 
-    The mid-epoch list is empty unless ``mid_epoch``. Its checkpoints come from a second
-    ``TracInCheckpoint`` that saves every half epoch; those at epoch ends duplicate the
-    first callback's and are left out.
+    ``directory`` is emptied first, so checkpoints of an earlier run never mix in. The
+    mid-epoch list is empty unless ``mid_epoch``. Its checkpoints come from a second
+    ``TracInCheckpoint`` that saves every ``steps_per_epoch // 2`` steps. For each epoch
+    the one closest to the middle of the epoch is kept, so an odd number of steps per
+    epoch still gives one checkpoint per epoch.
     """
+    shutil.rmtree(directory, ignore_errors=True)
     pl.seed_everything(seed, verbose=False)
     model = build_model(kind)
     datamodule.setup("fit")
     steps_per_epoch = len(datamodule.train_dataloader())
-    half_epoch = max(1, steps_per_epoch // 2)
     callbacks = [TracInCheckpoint(dirpath=directory / "epochs", every_n_epochs=1)]
     if mid_epoch:
-        callbacks.append(TracInCheckpoint(dirpath=directory / "half_epochs", every_n_train_steps=half_epoch,
-                                          save_on_train_end=False))
+        callbacks.append(TracInCheckpoint(dirpath=directory / "mid_epochs",
+                                          every_n_train_steps=max(1, steps_per_epoch // 2), save_on_train_end=False))
     make_trainer(epochs, callbacks).fit(model, datamodule)
 
     epoch_end = discover_checkpoints(directory / "epochs")
     mid = []
     if mid_epoch:
-        epoch_steps = {checkpoint.step for checkpoint in epoch_end}
-        mid = [c for c in discover_checkpoints(directory / "half_epochs") if c.step not in epoch_steps]
+        candidates = discover_checkpoints(directory / "mid_epochs")
+        epoch_starts = [0] + [checkpoint.step for checkpoint in epoch_end[:-1]]
+        for start, checkpoint in zip(epoch_starts, epoch_end):
+            middle = (start + checkpoint.step) / 2
+            inside = [c for c in candidates if start < c.step < checkpoint.step]
+            if inside:
+                mid.append(min(inside, key=lambda candidate: abs(candidate.step - middle)))
     return model, epoch_end, mid
 
 
-def test_accuracy(model: nn.Module, dataset: Dataset) -> float:
+def accuracy_on(model: nn.Module, dataset: Dataset) -> float:
+    """Return the fraction of ``dataset`` that ``model`` classifies correctly in eval mode."""
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -322,7 +331,7 @@ def score_run(kind: str, datamodule: pl.LightningDataModule, directory: Path, se
     started = time.perf_counter()
     model, checkpoints, mid = train_run(kind, datamodule, directory, seed, options.epochs, options.mid_epoch)
     train = datamodule.trace_dataset("train")
-    accuracy = test_accuracy(model, datamodule.trace_dataset("test"))
+    accuracy = accuracy_on(model, datamodule.trace_dataset("test"))
     timings["train"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -402,12 +411,14 @@ def variant_rankings(scores: RunScores) -> dict[str, np.ndarray]:
     n_columns = columns.shape[1]
     last_half = slice(n_columns // 2, n_columns)
     first_half = slice(0, max(1, n_columns // 2))
+
     # [h, 1] is the last layer's input with the bias's constant 1 appended.
     normalized = columns / (scores.feature_norm + 1.0)
     residual = scores.residual_norm * scores.learning_rates
     self_influence = descending(columns.sum(axis=1))
     area_under_margin = descending(-scores.margin.sum(axis=1))
     loss = descending(scores.loss[:, -1])
+
     orders = {
         "self-influence, all checkpoints (default)": self_influence,
         "self-influence, last checkpoint": descending(columns[:, -1]),
@@ -416,8 +427,9 @@ def variant_rankings(scores: RunScores) -> dict[str, np.ndarray]:
     }
     if scores.mid_self_influence is not None:
         total = columns.sum(axis=1) + scores.mid_self_influence.sum(axis=1)
-        orders[f"self-influence, {n_columns + scores.mid_self_influence.shape[1]} checkpoints (every half epoch)"] = (
-            descending(total))
+        n_total = n_columns + scores.mid_self_influence.shape[1]
+        orders[f"self-influence, {n_total} checkpoints (epoch ends and mid-epoch)"] = descending(total)
+
     orders.update({
         "self-influence, each checkpoint scaled to mean 1": descending((columns / columns.mean(axis=0)).sum(axis=1)),
         "self-influence / ||[h,1]||², all checkpoints": descending(normalized.sum(axis=1)),
@@ -482,20 +494,29 @@ def diagnostics(scores: RunScores, flipped: np.ndarray) -> dict[str, float]:
     closed_form = scores.learning_rates * scores.residual_norm * (scores.feature_norm + 1.0)
     relative_error = np.abs(closed_form - scores.last_layer) / np.maximum(scores.last_layer, 1e-30)
     loss = scores.loss[:, -1]
+    residual = scores.residual_norm[:, -1]
+    top_rows = descending(total)[: int(round(0.1 * len(total)))]
+    found = np.isin(flipped, top_rows)
     return {
-        "spearman ||h||², self-influence (clean)": float(spearmanr(feature[clean], total[clean]).statistic),
-        "spearman ||h||², self-influence (flipped)": float(spearmanr(feature[is_flipped], total[is_flipped]).statistic),
-        "spearman ||h||², loss (clean)": float(spearmanr(feature[clean], loss[clean]).statistic),
-        "spearman loss, self-influence (clean)": float(spearmanr(loss[clean], total[clean]).statistic),
+        "spearman ||h||², self-influence (clean)": _spearman(feature, total, clean),
+        "spearman ||h||², self-influence (flipped)": _spearman(feature, total, is_flipped),
+        "spearman ||p-e_y||², self-influence (clean)": _spearman(residual, total, clean),
+        "spearman ||p-e_y||², self-influence (flipped)": _spearman(residual, total, is_flipped),
+        "spearman ||h||², loss (clean)": _spearman(feature, loss, clean),
+        "median ||p-e_y||² at last checkpoint (flipped; at most 2)": float(np.median(residual[is_flipped])),
         "median ||h||² flipped / clean": float(np.median(feature[is_flipped]) / np.median(feature[clean])),
+        "median ||h||² of flipped missed / found by self-influence top 10%": float(
+            np.median(feature[flipped[~found]]) / np.median(feature[flipped[found]])),
         "||h||² 90th / 10th percentile (clean)": float(np.percentile(feature[clean], 90)
                                                       / np.percentile(feature[clean], 10)),
         "median last-layer share of self-influence": float(np.median(last_layer / total)),
-        "max relative error of (p-e_y)⊗[h,1] closed form": float(relative_error.max()),
-        "median ||p-e_y||² at last checkpoint (flipped)": float(np.median(scores.residual_norm[is_flipped, -1])),
+        "max relative error of the (p-e_y)⊗[h,1] closed form": float(relative_error.max()),
         "recall@10% of ||h||² alone": curve_metrics(descending(feature), flipped)["recall@10%"],
-        "recall@10% of 1/||h||² alone": curve_metrics(descending(-feature), flipped)["recall@10%"],
     }
+
+
+def _spearman(first: np.ndarray, second: np.ndarray, rows: np.ndarray) -> float:
+    return float(spearmanr(first[rows], second[rows]).statistic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,18 +555,16 @@ def unusual_setting(options: argparse.Namespace, seed: int) -> dict:
     directory = options.workdir / options.model / f"unusual_seed{seed}"
     run_captum = options.captum == "all" or (options.captum == "first" and seed == 0)
     scores = score_run(options.model, datamodule, directory, seed, options, run_captum)
-    orders = main_rankings(scores, seed)
-    variants = variant_rankings(scores)
-    for name in ("self-influence / ||[h,1]||², all checkpoints", "self-influence / ||[h,1]||², last half",
-                 "mean rank of self-influence and AUM",
-                 "last-layer self-influence / ||[h,1]||² (= Σ lr ||p - e_y||²)"):
-        orders[name] = variants[name]
     unusual, kind = datamodule.unusual_indices, datamodule.unusual_kind
-    return {
+    result = {
         "setting": "unusual", "seed": seed, "timings": scores.timings, "test_accuracy": scores.test_accuracy,
         "n_unusual": len(unusual), "n_train": len(scores.labels),
-        "counts": {name: top_counts(order, unusual, kind) for name, order in orders.items()},
+        "counts": {name: top_counts(order, unusual, kind) for name, order in main_rankings(scores, seed).items()},
+        "variant_counts": {name: top_counts(order, unusual, kind) for name, order in variant_rankings(scores).items()},
     }
+    if scores.captum is not None:
+        result["captum_spearman"] = float(spearmanr(scores.captum, scores.self_influence.sum(axis=1)).statistic)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,18 +624,17 @@ def diagnostics_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def unusual_table(results: list[dict]) -> list[str]:
-    first = results[0]
-    lines = [f"{first['n_unusual']} unusual images among {first['n_train']} train images; "
-             f"top 1% = {round(0.01 * first['n_train'])} rows, top 2% = {round(0.02 * first['n_train'])} rows.", "",
-             "| ranking | seeds | in top 1% | inverted | noise | in top 2% | inverted | noise |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    names = list(dict.fromkeys(name for result in results for name in result["counts"]))
-    keys = ("top 1%", "top 1% inverted", "top 1% noise", "top 2%", "top 2% inverted", "top 2% noise")
+def unusual_table(results: list[dict], key: str) -> list[str]:
+    """Unusual images in the top 1% and 2% of each ranking, and the seeds where it beats self-influence."""
+    lines = ["| ranking | seeds | in top 1% | inverted | noise | in top 2% | inverted | noise "
+             "| beats self-influence (top 1%) |", "| --- |" + " --- |" * 8]
+    names = list(dict.fromkeys(name for result in results for name in result[key]))
+    columns = ("top 1%", "top 1% inverted", "top 1% noise", "top 2%", "top 2% inverted", "top 2% noise")
     for name in names:
-        runs = [r["counts"][name] for r in results if name in r["counts"]]
-        cells = [mean_std([run[key] for run in runs], digits=1) for key in keys]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        runs = [r for r in results if name in r[key]]
+        cells = [mean_std([r[key][name][column] for r in runs], digits=1) for column in columns]
+        wins = sum(r[key][name]["top 1%"] > r["counts"]["TracInCP self-influence"]["top 1%"] for r in runs)
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {wins}/{len(runs)} |")
     return lines
 
 
@@ -653,21 +671,32 @@ def write_report(options: argparse.Namespace, flip_results: list[dict], unusual_
         lines += ["### Why self-influence trails the loss", "", *diagnostics_table(flip_results), ""]
     if unusual_results:
         accuracy = mean_std([r["test_accuracy"] for r in unusual_results])
-        lines += [f"### Unusual images (test accuracy {accuracy})", "", *unusual_table(unusual_results), ""]
+        first = unusual_results[0]
+        lines += [f"### Unusual images (test accuracy {accuracy})", "",
+                  f"{first['n_unusual']} unusual images among {first['n_train']} train images; top 1% = "
+                  f"{round(0.01 * first['n_train'])} rows, top 2% = {round(0.02 * first['n_train'])} rows.", "",
+                  *unusual_table(unusual_results, "counts"), "", "Variants:", "",
+                  *unusual_table(unusual_results, "variant_counts"), ""]
+        captum = [r["captum_spearman"] for r in unusual_results if "captum_spearman" in r]
+        if captum:
+            lines += [f"Spearman correlation of Captum's and tracin's self-influence: {mean_std(captum, 6)}.", ""]
     lines += ["### Wall time per phase", "", *timing_lines(flip_results + unusual_results), ""]
     return "\n".join(lines)
 
 
 def plot_curves(results: list[dict], path: Path, title: str) -> None:
+    """Draw the seed-averaged recall curve of each ranking, over the whole train set and its first 30%."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     grid = np.linspace(0.0, 1.0, CURVE_POINTS)
+    flipped_fraction = float(results[0]["setting"].removeprefix("flip "))
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     names = list(dict.fromkeys(name for result in results for name in result["rankings"]))
     for axis, limit in zip(axes, (1.0, 0.3)):
+        axis.plot(grid, np.minimum(1.0, grid / flipped_fraction), "--", color="0.6", label="perfect ranking")
         for name in names:
             curves = np.array([r["rankings"][name]["curve"] for r in results if name in r["rankings"]])
             label = name if len(curves) == len(results) else f"{name} ({len(curves)} seed)"
@@ -684,6 +713,15 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_first_setting(flip_results: list[dict], path: Path, model: str, train_size: int) -> None:
+    """Plot the recall curves of the first flip fraction of ``flip_results``."""
+    first = _fractions(flip_results)[0]
+    runs = [r for r in flip_results if r["setting"] == first]
+    flipped_fraction = float(first.removeprefix("flip "))
+    plot_curves(runs, path, f"MNIST, first {train_size} train images, {flipped_fraction:.0%} of labels flipped "
+                            f"({model}, {'mean of ' + str(len(runs)) + ' seeds' if len(runs) > 1 else 'one seed'})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,6 +755,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", default="docs/mislabel_recall.png",
                         help="PNG of the recall curves of the first flip fraction; '' for none "
                              "(default docs/mislabel_recall.png)")
+    parser.add_argument("--replot", type=Path, metavar="RESULTS_JSON",
+                        help="only redraw --plot from the results.json of an earlier run, without training")
     return parser.parse_args(argv)
 
 
@@ -734,6 +774,11 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_arguments(argv)
+    if options.replot is not None:
+        saved = json.loads(options.replot.read_text())
+        plot_first_setting(saved["flip"], Path(options.plot), saved["options"]["model"],
+                           int(saved["options"]["train_size"]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
     torch.set_num_threads(options.threads)
@@ -761,10 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         {"options": {key: str(value) for key, value in vars(options).items()},
          "wall_time_s": wall_time, "flip": flip_results, "unusual": unusual_results}, indent=1))
     if options.plot and flip_results:
-        first = _fractions(flip_results)[0]
-        plot_curves([r for r in flip_results if r["setting"] == first], Path(options.plot),
-                    f"MNIST, {options.train_size} train images, {first.removeprefix('flip ')} of labels flipped ({options.model}, "
-                    f"mean of {options.seeds} seeds)")
+        plot_first_setting(flip_results, Path(options.plot), options.model, options.train_size)
     print(report)
     return 0
 

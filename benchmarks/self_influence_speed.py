@@ -25,12 +25,11 @@ Captum's per-batch gradients cover only Conv2d and Linear layers, so tracin
 tracks the same parameters for the comparison. For SmallCNN, which also has a
 BatchNorm layer, one more row gives tracin ``auto`` on all parameters.
 
-A repeat runs the baseline, then each method once. One more baseline runs after
-the last repeat, and each time is divided by the mean of the baselines before
-and after it. Times are per example, so a method run on fewer examples
-(``--captum-n-train``) is compared per example. The script prints each time,
-the median ratios and the largest relative difference between tracin and
-Captum scores. Timing on a shared machine is noisy; the 1-minute load average
+A baseline runs first and after every method, and each method's time is
+divided by the mean of the baselines just before and after it. Times are per
+example, so a method run on fewer examples (``--captum-n-train``) is compared
+per example. The script prints each time, the median ratios and the relative
+differences between tracin and Captum scores. Timing on a shared machine is noisy; the 1-minute load average
 is printed with every run.
 
 Options: ``--n-train N`` (default 60000) traces the first N train images,
@@ -42,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -123,30 +123,43 @@ def main(argv: list[str] | None = None) -> int:
         if set(all_names) != set(matched):
             methods.append(("tracin auto, all parameters", n_train, tracin("auto", all_names)))
 
+        # Each method runs between two baselines, and its time is compared with their mean, so a
+        # change in the machine's load during the run moves both sides of the ratio.
+        timings.run("baseline", lambda: common.plain_backward_pass(workload, train, args.batch_size))
+        baseline_before = timings.seconds["baseline"][-1]
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1} of {args.repeats}", flush=True)
-            timings.run("baseline", lambda: common.plain_backward_pass(workload, train, args.batch_size))
-            for name, _, function in methods:
-                scores[name] = timings.run(name, function)
-        timings.run("baseline", lambda: common.plain_backward_pass(workload, train, args.batch_size))
+            for name, count, function in methods:
+                started_method = time.perf_counter()
+                scores[name] = function()
+                seconds = time.perf_counter() - started_method
+                timings.seconds.setdefault(name, []).append(seconds)
+                print(f"  {name}: {seconds:.1f} s (1-minute load average {os.getloadavg()[0]:.1f})", flush=True)
+                timings.run("baseline", lambda: common.plain_backward_pass(workload, train, args.batch_size))
+                baseline_after = timings.seconds["baseline"][-1]
+                around = (baseline_before + baseline_after) / 2
+                timings.add_ratio(name, seconds / count, around / n_train)
+                baseline_before = baseline_after
 
     baseline_seconds = timings.seconds["baseline"]
-    for repeat in range(args.repeats):
-        around = (baseline_seconds[repeat] + baseline_seconds[repeat + 1]) / 2
-        for name, count, _ in methods:
-            per_example = timings.seconds[name][repeat] / count
-            timings.add_ratio(name, per_example, around / n_train)
 
     reference = scores["Captum TracInCP"]
-    errors = {
-        "tracin auto vs Captum": float(common.relative_error(scores["tracin auto"][:n_captum], reference).max()),
-        "tracin vmap vs Captum": float(common.relative_error(scores["tracin vmap"][:n_captum], reference).max()),
-        "tracin vmap vs tracin auto": float(common.relative_error(scores["tracin vmap"], scores["tracin auto"]).max()),
+    pairs = {
+        "tracin auto vs Captum": (scores["tracin auto"][:n_captum], reference),
+        "tracin vmap vs Captum": (scores["tracin vmap"][:n_captum], reference),
+        "tracin vmap vs tracin auto": (scores["tracin vmap"], scores["tracin auto"]),
     }
     if "tracin auto, all parameters" in scores:
-        errors["tracin auto all parameters vs Captum"] = float(
-            common.relative_error(scores["tracin auto, all parameters"][:n_captum], reference).max()
-        )
+        pairs["tracin auto all parameters vs Captum"] = (scores["tracin auto, all parameters"][:n_captum], reference)
+    errors = {}
+    for name, (values, expected) in pairs.items():
+        relative = common.relative_error(values, expected)
+        errors[name] = {
+            "max": float(relative.max()),
+            "median": float(np.median(relative)),
+            "index of max": int(relative.argmax()),
+            "count over 1e-4": int((relative > 1e-4).sum()),
+        }
 
     print()
     baseline_rate = n_train / statistics.median(baseline_seconds)
@@ -164,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("tracin"):
             print(f"{name}: {captum_ratio / ratios[name]:.2f}x the per-image speed of Captum")
     for name, value in errors.items():
-        print(f"max relative difference, {name}: {value:.2e}")
+        print(f"relative difference, {name}: max {value['max']:.2e} (train index {value['index of max']}), "
+              f"median {value['median']:.2e}, {value['count over 1e-4']} of {n_captum} images over 1e-4")
     wall = time.perf_counter() - started
     print(f"wall time {wall:.0f} s; load average at the end {common.machine_description()['load_average']}")
 

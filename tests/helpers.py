@@ -205,3 +205,19 @@ def write_checkpoint(path: Path, state: dict, lr: float | None = 0.1, step: int 
         content["lr"] = [lr]
     torch.save(content, path)
     return path
+
+
+class GroupedStridedCNN(nn.Module):
+    """Convolutions with stride, dilation and groups, and a Conv1d over image rows."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, stride=2, dilation=1, padding=1, groups=2)
+        self.rows = nn.Conv1d(4 * 4, 6, 3, padding=2, dilation=2)
+        self.head = nn.Linear(6 * 4, classes)
+
+    def forward(self, x):
+        x = torch.tanh(self.grouped(torch.tanh(self.conv(x))))  # (B, 4, 4, 4)
+        x = torch.tanh(self.rows(x.flatten(1, 2)))  # (B, 6, 4)
+        return self.head(x.flatten(1))

@@ -8,6 +8,7 @@ from helpers import (
     RTOL_FLOAT32,
     RTOL_FLOAT64,
     FrozenBackbone,
+    GroupedStridedCNN,
     SharedLinear,
     TinyBatchNormCNN,
     TinyMLP,
@@ -25,6 +26,7 @@ CASES = {
     "cnn_batchnorm": (TinyBatchNormCNN, lambda dtype: digits_dataset(40, image=True, dtype=dtype)),
     "frozen_backbone": (FrozenBackbone, lambda dtype: random_dataset(40, 4, 2, dtype=dtype)),
     "shared_module": (SharedLinear, lambda dtype: random_dataset(40, 4, 3, dtype=dtype)),
+    "grouped_strided_conv": (GroupedStridedCNN, lambda dtype: digits_dataset(40, image=True, dtype=dtype)),
 }
 
 

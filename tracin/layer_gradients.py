@@ -95,6 +95,9 @@ class LayerGradientComputer:
             logger.info("layer %s (%s): closed-form per-example gradients", layer.name or "<root>",
                         type(layer.module).__name__)
         self._checked = False
+        # Parameters whose per-example gradients summed to autograd's batch gradient on a batch of the
+        # current checkpoint. Later batches skip the check, which saves the backward pass to the weights.
+        self._verified: set[str] = set()
 
     def _covered(self) -> set[str]:
         return {_join(layer.name, local) for layer in self.layers.values() for local in layer.params}
@@ -116,7 +119,8 @@ class LayerGradientComputer:
         return prepared
 
     def start_checkpoint(self, position: int) -> None:
-        """Select the projection matrices of checkpoint ``position``, when projecting."""
+        """Check every layer again at the new checkpoint, and select its projection matrices when projecting."""
+        self._verified.clear()
         if self.projector is not None:
             self.projector.start_checkpoint(position)
 
@@ -146,7 +150,7 @@ class LayerGradientComputer:
                 if not self._checked:
                     check_per_example(losses, batch_size(batch), self.loss)
                     self._checked = True
-                covered = [name for name in self.tracked if name not in self._fallback]
+                covered = [name for name in self.tracked if name not in self._fallback and name not in self._verified]
                 layer_outputs = [output for layer in self.layers.values() for _, output in layer.calls]
                 param_inputs = [prepared[name] for name in covered]
                 grads = ()
@@ -175,7 +179,8 @@ class LayerGradientComputer:
                 if name not in self._fallback:
                     results[name] = value
                     sums[name] = per_layer_sums[local]
-        failed, unverified = _check_sums(sums, batch_grads)
+        failed, unverified = _check_sums({name: sums[name] for name in covered if name in sums}, batch_grads)
+        self._verified.update(name for name in covered if name in sums and name not in failed + unverified)
         if failed:
             logger.warning(
                 "per-example gradients of %s do not sum to the batch gradient (the parameter is probably also used "
@@ -299,6 +304,13 @@ def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materializ
         logger.debug("layer %s runs %d times per forward pass; forming its gradients", layer.name, len(calls))
     norms: dict[str, Tensor] = {}
     for inputs, output_grad in calls:
+        if isinstance(module, CONVOLUTIONS) and form_weight and not (materialize is False and single_call
+                                                                     and groups == 1 and _conv_gram_is_cheaper(module, output_grad)):
+            grad = _conv_weight_grads(module, inputs, output_grad)
+            weight_grad = grad if weight_grad is None else weight_grad + grad
+            bias = output_grad.flatten(2).sum(dim=2)
+            bias_grad = bias if bias_grad is None else bias_grad + bias
+            continue
         a, delta = _positions(layer, inputs, output_grad)
         gram = materialize is False and single_call and groups == 1 and _gram_is_cheaper(a, delta)
         if not form_weight or gram:
@@ -324,6 +336,30 @@ def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materializ
         values["bias"] = bias_grad if materialize else bias_grad.pow(2).sum(dim=1)
         sums["bias"] = bias_grad.sum(dim=0)
     return values, sums
+
+
+def _conv_gram_is_cheaper(module: nn.Module, output_grad: Tensor) -> bool:
+    positions = output_grad[0, 0].numel()
+    return positions * positions * (module.weight[0].numel() + module.out_channels) < (
+        positions * module.weight[0].numel() * module.out_channels
+    )
+
+
+def _conv_weight_grads(module: nn.Module, inputs: Tensor, output_grad: Tensor) -> Tensor:
+    """Per-example weight gradients of a convolution, ``(B, *weight.shape)``, as one grouped convolution.
+
+    Folding the batch into the channels, with ``groups = B * module.groups``, makes the weight
+    gradient of the grouped convolution the stack of the per-example weight gradients.
+    """
+    batch = inputs.shape[0]
+    groups = batch * module.groups
+    weight_shape = (batch * module.out_channels, *module.weight.shape[1:])
+    folded_inputs = inputs.reshape(1, batch * inputs.shape[1], *inputs.shape[2:])
+    folded_grads = output_grad.reshape(1, batch * output_grad.shape[1], *output_grad.shape[2:])
+    weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
+    grads = weight_grad(folded_inputs, weight_shape, folded_grads, stride=module.stride, padding=module.padding,
+                        dilation=module.dilation, groups=groups)
+    return grads.reshape(batch, *module.weight.shape)
 
 
 def _grouped_outer(a: Tensor, delta: Tensor, groups: int) -> Tensor:
