@@ -70,7 +70,7 @@ def load_demo_workload(checkpoint_dir: Path = DEMO_CHECKPOINTS) -> Workload:
     """Rebuild the MNIST demo's SmallCNN and data from its checkpoint directory.
 
     Raises:
-        SystemExit: the directory does not exist; the message says how to create it.
+        SystemExit: the directory does not exist. The message gives the command that creates it.
     """
     if not checkpoint_dir.is_dir():
         raise SystemExit(f"{checkpoint_dir} does not exist. Train the demo first: python -m tracin.demo")
@@ -219,7 +219,7 @@ def plain_backward_pass(workload: Workload, train: Dataset, batch_size: int) -> 
 
 @dataclass
 class Timings:
-    """Wall times per method, in the order they ran, and the baseline times around them."""
+    """Wall times, per-example time ratios to the baseline, and 1-minute load averages, per method."""
 
     seconds: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, list[float]] = field(default_factory=dict)

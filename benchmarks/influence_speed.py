@@ -34,8 +34,8 @@ and float32 rounding can swap neighbors, so the largest relative difference
 between the scores at equal ranks is printed too.
 
 With the default 500 test images per query the script takes about 10 minutes
-on 2 CPU cores; ``--n-test 10000`` runs the whole test set (the second query
-then repeats the same images) and takes much longer.
+on 2 CPU cores. ``--n-test 10000`` runs the whole test set and takes much
+longer, and its second query repeats the same images.
 """
 
 from __future__ import annotations

@@ -4,14 +4,14 @@ Commands, from the repository root, after ``python -m tracin.demo`` has written
 ``runs/mnist_demo/checkpoints``::
 
     python benchmarks/self_influence_speed.py
-    python benchmarks/self_influence_speed.py --model mlp-wide --captum-n-train 5000
+    python benchmarks/self_influence_speed.py --model mlp-wide --subset 5000
 
 The first command uses the demo's SmallCNN (3,834 parameters) and its 8
 checkpoints on all 60,000 MNIST train images. The second trains an MLP
 784-1024-256-10 (1,068,810 parameters) for one epoch with ``TracInCheckpoint``
 (2 checkpoints, in ``runs/mlp_wide/checkpoints``) unless it was trained before.
 
-Every method sees the same train images, batch size and checkpoints in the same
+Every method gets the same train images, batch size and checkpoints in the same
 process:
 
 * baseline: one batched forward and backward of the summed cross-entropy per
@@ -27,8 +27,8 @@ BatchNorm layer, one more row gives tracin ``auto`` on all parameters.
 
 A baseline runs first and after every method, and each method's time is
 divided by the mean of the baselines just before and after it. Times are per
-example, so a method run on fewer examples (``--captum-n-train``) is compared
-per example. The script prints each time, the median ratios and the relative
+example, so a method run on fewer examples (``--subset``) is compared per
+example. The script prints each time, the median ratios and the relative
 differences between tracin and Captum scores. Timing on a shared machine is noisy; the 1-minute load average
 is printed with every run.
 
@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("smallcnn", "mlp-wide"), default="smallcnn",
                         help="smallcnn: the demo's checkpoints; mlp-wide: a 1M-parameter MLP trained for 1 epoch")
     parser.add_argument("--n-train", type=int, default=60_000, help="trace the first N train images (default 60000)")
-    parser.add_argument("--captum-n-train", type=int,
-                        help="run Captum on the first N train images only (default: --n-train)")
+    parser.add_argument("--subset", type=int,
+                        help="run tracin vmap and Captum, which form every per-example gradient, on the first N "
+                             "train images only (default: --n-train)")
     parser.add_argument("--checkpoints", type=int, help="use the first C checkpoints (default all)")
     parser.add_argument("--batch-size", type=int, default=256, help="examples per batch for every method (default 256)")
     parser.add_argument("--repeats", type=int, default=1, help="times each method runs (default 1)")
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoints is not None:
         workload.checkpoints = workload.checkpoints[: args.checkpoints]
     train = common.first(workload.train, args.n_train)
-    captum_train = common.first(workload.train, args.captum_n_train or args.n_train)
-    n_train, n_captum = len(train), len(captum_train)
+    subset = common.first(workload.train, min(args.subset or args.n_train, args.n_train))
+    n_train, n_subset = len(train), len(subset)
     matched = common.captum_parameter_names(workload.model)
     all_names = [name for name, parameter in workload.model.named_parameters() if parameter.requires_grad]
     n_matched = sum(p.numel() for name, p in workload.model.named_parameters() if name in matched)
@@ -94,34 +95,34 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(machine))
     print(f"{workload.name}: {n_all} parameters, {n_matched} in Conv2d/Linear layers; "
           f"{len(workload.checkpoints)} checkpoints; {n_train} train images "
-          f"(Captum: {n_captum}); batch size {args.batch_size}", flush=True)
+          f"(tracin vmap and Captum: {n_subset}); batch size {args.batch_size}", flush=True)
 
     timings = common.Timings()
     scores: dict[str, np.ndarray] = {}
     methods: list[tuple[str, int, object]] = []
     with tempfile.TemporaryDirectory(prefix="tracin-bench-") as directory:
 
-        def tracin(method: str, params: list[str]):
+        def tracin(method: str, params: list[str], images):
             def run():
                 summary = trace_self_influence(
-                    workload.model, workload.checkpoints, train, Path(directory) / f"{method}.h5",
+                    workload.model, workload.checkpoints, images, Path(directory) / f"{method}.h5",
                     params=params, batch_size=args.batch_size, device="cpu", overwrite=True, method=method,
                 )
                 return summary.run.train["self_influence"]
             return run
 
         def captum():
-            return common.captum_tracincp(workload, captum_train, args.batch_size).self_influence(
+            return common.captum_tracincp(workload, subset, args.batch_size).self_influence(
                 outer_loop_by_checkpoints=True
             ).detach().double().numpy()
 
         methods = [
-            ("tracin auto", n_train, tracin("auto", matched)),
-            ("tracin vmap", n_train, tracin("vmap", matched)),
-            ("Captum TracInCP", n_captum, captum),
+            ("tracin auto", n_train, tracin("auto", matched, train)),
+            ("tracin vmap", n_subset, tracin("vmap", matched, subset)),
+            ("Captum TracInCP", n_subset, captum),
         ]
         if set(all_names) != set(matched):
-            methods.append(("tracin auto, all parameters", n_train, tracin("auto", all_names)))
+            methods.append(("tracin auto, all parameters", n_train, tracin("auto", all_names, train)))
 
         # Each method runs between two baselines, and its time is compared with their mean, so a
         # change in the machine's load during the run moves both sides of the ratio.
@@ -145,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = scores["Captum TracInCP"]
     pairs = {
-        "tracin auto vs Captum": (scores["tracin auto"][:n_captum], reference),
-        "tracin vmap vs Captum": (scores["tracin vmap"][:n_captum], reference),
-        "tracin vmap vs tracin auto": (scores["tracin vmap"], scores["tracin auto"]),
+        "tracin auto vs Captum": (scores["tracin auto"][:n_subset], reference),
+        "tracin vmap vs Captum": (scores["tracin vmap"], reference),
+        "tracin vmap vs tracin auto": (scores["tracin vmap"], scores["tracin auto"][:n_subset]),
     }
     if "tracin auto, all parameters" in scores:
-        pairs["tracin auto all parameters vs Captum"] = (scores["tracin auto, all parameters"][:n_captum], reference)
+        pairs["tracin auto all parameters vs Captum"] = (scores["tracin auto, all parameters"][:n_subset], reference)
     errors = {}
     for name, (values, expected) in pairs.items():
         relative = common.relative_error(values, expected)
@@ -178,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {captum_ratio / ratios[name]:.2f}x the per-image speed of Captum")
     for name, value in errors.items():
         print(f"relative difference, {name}: max {value['max']:.2e} (train index {value['index of max']}), "
-              f"median {value['median']:.2e}, {value['count over 1e-4']} of {n_captum} images over 1e-4")
+              f"median {value['median']:.2e}, {value['count over 1e-4']} of {n_subset} images over 1e-4")
     wall = time.perf_counter() - started
     print(f"wall time {wall:.0f} s; load average at the end {common.machine_description()['load_average']}")
 
     if args.json is not None:
         args.json.write_text(json.dumps({
             "machine": machine, "args": {key: str(value) for key, value in vars(args).items()},
-            "n_train": n_train, "n_captum": n_captum, "checkpoints": len(workload.checkpoints),
+            "n_train": n_train, "n_subset": n_subset, "checkpoints": len(workload.checkpoints),
             "parameters": n_all, "captum_parameters": n_matched,
             "seconds": timings.seconds, "ratios": timings.ratios, "load": timings.load,
             "errors": errors, "wall_seconds": wall,

@@ -17,12 +17,17 @@ The squared norm of :math:`\nabla W_i` needs no per-example gradient either:
 which is :math:`\lVert a \rVert^2 \lVert \delta \rVert^2` at one position. The
 module uses it when it costs less than forming the gradient.
 
-Every batch is checked: the per-example gradients must sum to the batch
-gradient that autograd computes. A parameter that fails the check (say a weight
-also used outside its module, as in tied embeddings) moves to the ``vmap`` path
-for the rest of the run, with a warning. A NaN or infinite example makes the
-sums non-finite, so the check cannot run on its batch, and that batch takes the
-``vmap`` path. Parameters of other layers take the ``vmap`` path from the start,
+At each checkpoint, the first batch is checked: the per-example gradients must
+sum to the batch gradient that autograd computes. A parameter that fails the
+check (say a weight also used outside its module, as in tied embeddings) moves
+to the ``vmap`` path for the rest of the run, with a warning. A NaN or infinite
+example makes the sums non-finite, so the check cannot run on its batch; that
+batch takes the ``vmap`` path and the next batch is checked instead. Later
+batches skip the check, which saves the backward pass to the weights.
+
+NOTE: a weight used outside its module only on some batches (a data-dependent
+branch) is caught only if such a batch comes first at some checkpoint;
+``method="vmap"`` makes no such assumption. Parameters of other layers take the ``vmap`` path from the start,
 and the log says which path each layer takes.
 """
 
