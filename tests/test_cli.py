@@ -356,3 +356,31 @@ def test_zero_gradients_exit_code_3(tmp_path):
     assert "dimension of size 1" in message, describe(result)
     assert "Traceback" not in result.stderr, describe(result)
     assert read_run(directory / "tracin.h5").train["self_influence"].tolist() == [0.0] * 16
+
+
+def test_zero_learning_rate_everywhere_exits_3(run_dir, tmp_path):
+    result = run_cli("score", str(run_dir), "--out", str(tmp_path / "zero.h5"), "--lr", "0")
+
+    assert result.returncode == 3, describe(result)
+    assert "learning rate 0" in one_line(result.stderr)
+
+
+def test_out_that_is_a_directory_rejected(run_dir, tmp_path):
+    result = run_cli("score", str(run_dir), "--out", str(tmp_path))
+
+    assert_usage_error(result, str(tmp_path), "is a directory")
+
+
+def test_bad_device_rejected_before_loading(run_dir, tmp_path):
+    result = run_cli("score", str(run_dir), "--out", str(tmp_path / "x.h5"), "--device", "nonsense")
+
+    assert_usage_error(result, "nonsense", "invalid")
+    assert not (tmp_path / "x.h5.partial").exists()
+
+
+def test_garbage_checkpoint_file_rejected(tmp_path):
+    (tmp_path / "step=00000001.pt").write_text("this is not a checkpoint")
+
+    result = run_cli("score", str(tmp_path))
+
+    assert_usage_error(result, "step=00000001.pt", "torch.save")

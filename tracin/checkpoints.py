@@ -191,14 +191,25 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():
+            raise CheckpointError(
+                f"checkpoint {path} is not a file that torch.save wrote (its content does not unpickle). Remove it "
+                "from the checkpoint directory or pass only real checkpoint files."
+            ) from error
+        detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "an unsupported global")
         raise UnsafeCheckpointError(
             f"checkpoint {path} was not loaded because unpickling it would run arbitrary code "
-            f"(torch.load with weights_only=True rejected it: {str(error).splitlines()[0]}). "
+            f"(torch.load with weights_only=True found {detail}). "
             "Re-save only the weights, e.g. torch.save({'state_dict': model.state_dict()}, path), "
             "from an environment you trust."
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"checkpoint {path} could not be read by torch.load: {error}") from error
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError, TypeError, AttributeError) as error:
+        # torch.load raises many types on files it did not write, some with an empty message.
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} could not be read by torch.load ({reason}). Remove it from the checkpoint "
+            "directory or pass only files written by torch.save."
+        ) from error
     if not isinstance(content, dict):
         raise CheckpointError(
             f"checkpoint {path} holds a {type(content).__name__}, expected a dict of tensors or a dict "

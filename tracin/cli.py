@@ -182,6 +182,8 @@ def _configure_logging(verbose: bool) -> None:
     warnings_logger.propagate = False
     logging.captureWarnings(True)
     warnings.simplefilter("default")
+    # Show warnings as "Category: message"; the file and line of the call are noise for CLI users.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

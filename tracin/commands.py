@@ -20,6 +20,7 @@ from tracin.params import last_linear_parameters
 from tracin.projection import ProjectionSpec
 from tracin.selection import parse_selection
 from tracin.checkpoints import discover_checkpoints
+from tracin.passes import resolve_device
 from tracin.store import StoredRun, append_result, check_output_path, read_run
 from tracin.tracer import trace_self_influence
 
@@ -38,8 +39,11 @@ def score(args: argparse.Namespace, make_progress: Callable) -> int:
     check_output_path(out, args.overwrite)
     launch = _launches_processes(args)
     lr = args.lr[0] if args.lr and len(args.lr) == 1 else args.lr
-    # Find the checkpoints and check --lr first: an empty directory should say so, not that a manifest is missing.
+    # Find the checkpoints and check --lr and --device first: an empty directory should say so, not that a
+    # manifest is missing, and a bad device should fail before the model and data load.
     discover_checkpoints(args.checkpoint_dir, lr)
+    if args.device is not None:
+        resolve_device(args.device)
     run = rebuild_run(args.checkpoint_dir, args.config)
     train = run.dataset("train")
     if launch:
@@ -62,7 +66,8 @@ def score(args: argparse.Namespace, make_progress: Callable) -> int:
         )
     logger.info("wrote %s", out)
     _render(summary.run, args, train)
-    return EXIT_ZERO_GRADIENTS if summary.all_zero_gradients else 0
+    every_lr_zero = len(summary.zero_lr_checkpoints) == len(summary.run.checkpoints)
+    return EXIT_ZERO_GRADIENTS if summary.all_zero_gradients or every_lr_zero else 0
 
 
 def _launches_processes(args: argparse.Namespace) -> bool:
@@ -108,7 +113,8 @@ def _score_with_fabric(args: argparse.Namespace, run: RebuiltRun, train, out, lr
         return 0
     logger.info("wrote %s", out)
     _render(summary.run, args, train)
-    return EXIT_ZERO_GRADIENTS if summary.all_zero_gradients else 0
+    every_lr_zero = len(summary.zero_lr_checkpoints) == len(summary.run.checkpoints)
+    return EXIT_ZERO_GRADIENTS if summary.all_zero_gradients or every_lr_zero else 0
 
 
 class _ProgressOnFirstUpdate:
@@ -143,8 +149,7 @@ def show(args: argparse.Namespace) -> int:
     stored = read_run(args.store)
     dataset = None
     if args.png is not None:
-        run = rebuild_run(stored.attrs.get("checkpoint_dir", ""), config_text=stored.attrs.get("config") or None)
-        dataset = run.dataset("train")
+        dataset = _rebuild_from_store(args.store, stored).dataset("train")
     _render(stored, args, dataset)
     return 0
 
@@ -163,8 +168,19 @@ def _render(stored, args: argparse.Namespace, dataset) -> None:
 def _rebuild_stored(args: argparse.Namespace) -> tuple[StoredRun, RebuiltRun]:
     """Read a store and rebuild the run behind it."""
     stored = read_run(args.store)
-    run = rebuild_run(stored.attrs.get("checkpoint_dir", ""), config_text=stored.attrs.get("config") or None)
-    return stored, run
+    return stored, _rebuild_from_store(args.store, stored)
+
+
+def _rebuild_from_store(path, stored: StoredRun) -> RebuiltRun:
+    """Rebuild the model and data of a store from the checkpoint directory and config it records."""
+    checkpoint_dir = stored.attrs.get("checkpoint_dir", "")
+    if not checkpoint_dir:
+        raise ConfigurationError(
+            f"{path} records no checkpoint directory (the Python API wrote it without run_info), so the command "
+            "line cannot rebuild its model and data. Use the Python API (tracin.influence), or trace with "
+            "'tracin score CHECKPOINT_DIR'."
+        )
+    return rebuild_run(checkpoint_dir, config_text=stored.attrs.get("config") or None)
 
 
 def _gradient_context(args: argparse.Namespace, stored: StoredRun, run: RebuiltRun,

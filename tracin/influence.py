@@ -210,6 +210,12 @@ def ensure_train_gradients(
     dtype = np.dtype(STORAGE_DTYPES[storage_dtype])
     loader = ordered_loader(train_data, context.batch_size)
     n_examples = len(loader.dataset)
+    stored_labels = read_run(store).train["label"]
+    if n_examples != len(stored_labels):
+        raise ConfigurationError(
+            f"the train set has {n_examples} examples but {store} was traced on {len(stored_labels)}. Pass the "
+            "train set that 'tracin score' traced, in the same order."
+        )
     needed = n_examples * sum(context.gradient_sizes()) * len(context.checkpoints) * dtype.itemsize
     if needed > max_bytes and context.projection is None:
         context.projection = ProjectionSpec(DEFAULT_PROJECTION_DIM)
@@ -242,12 +248,29 @@ def ensure_train_gradients(
             passes = gradient_passes(context.model, context.checkpoints, loader, computer, context.device,
                                      context.dtype, writer.is_done, progress)
             for block in passes:
+                _check_labels(block, stored_labels, store)
                 writer.write_block(block.checkpoint, block.batch, block.start,
                                    to_storage(flatten_gradients(block.gradients), dtype))
         writer.finish()
     except BaseException:
         writer.close()
         raise
+
+
+def _check_labels(block, stored_labels: np.ndarray, store) -> None:
+    """Raise ConfigurationError when a batch's labels differ from the labels the store recorded for its rows."""
+    labels = labels_of(block.inputs)
+    if labels is None:
+        return
+    expected = stored_labels[block.start:block.start + len(labels)]
+    mismatch = np.flatnonzero(labels.cpu().numpy() != expected)
+    if mismatch.size:
+        first = block.start + int(mismatch[0])
+        raise ConfigurationError(
+            f"train example {first} has label {int(labels[mismatch[0]])}, but {store} recorded label "
+            f"{int(expected[mismatch[0]])} for it: this is not the train set that 'tracin score' traced, or "
+            "not in the same order. Pass the same dataset."
+        )
 
 
 def to_storage(gradients: Tensor, dtype: np.dtype) -> np.ndarray:

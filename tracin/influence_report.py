@@ -34,7 +34,7 @@ def influence_tables(top: TopInfluence, train_labels: np.ndarray) -> list[Table]
                 f"Test example {test_index}: label {label_text(int(top.test_label[row]))}, "
                 f"predicted {label_text(int(top.test_prediction[row]))} at the last checkpoint"
             ),
-            caption=f"{kind}: {SIGN_NOTE}",
+            caption=f"cosine similarity per checkpoint; {SIGN_NOTE}" if top.normalize else SIGN_NOTE,
             caption_justify="left",
         )
         for header in ("rank", "proponent", "label", kind, "opponent", "label ", f"{kind} "):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tracin.checkpoints import Checkpoint, load_weights
 from tracin.data import move_batch
 from tracin.gradients import BatchGradients, batch_size
+from tracin.errors import ConfigurationError
 from tracin.params import preserved_model_state
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,20 @@ def tracing_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Return ``device``, defaulting to CUDA when available, else CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Return ``device``, defaulting to CUDA when available, else CPU.
+
+    Raises:
+        ConfigurationError: ``device`` is not a torch device string, or names CUDA without a CUDA build and GPU.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigurationError(f"device {device!r} is invalid ({error}); pass e.g. cpu, cuda or cuda:0.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"device {device!r} needs CUDA, which this torch build or machine lacks; pass cpu.")
+    return resolved
 
 
 def gradient_passes(

@@ -110,6 +110,8 @@ def check_output_path(path: Path, overwrite: bool) -> None:
     """Raise StoreError when the directory of ``path`` is missing, or ``path`` exists and ``overwrite`` is False."""
     if not path.parent.is_dir():
         raise StoreError(f"output directory {path.parent} does not exist. Create it or choose another --out.")
+    if path.is_dir():
+        raise StoreError(f"output {path} is a directory. Pass a file path such as {path / 'tracin.h5'} as --out.")
     if path.exists() and not overwrite:
         raise StoreError(
             f"output {path} already exists. Pass --overwrite (overwrite=True) to replace it, or choose another --out."
@@ -158,6 +160,7 @@ class ScoreWriter:
         self.metadata = metadata
         self.checkpoints = checkpoints
         self.n_batches = n_batches
+        self.overwrite = overwrite
         check_output_path(self.path, overwrite)
         self.lock = OutputLock(self.path)
         self.lock.acquire()
@@ -182,12 +185,18 @@ class ScoreWriter:
             self.partial.unlink()
             return None
         differing = fingerprint_differences(json.loads(file.attrs.get("fingerprint", "{}")), self.metadata.fingerprint)
+        if differing and self.overwrite:
+            file.close()
+            logger.warning("discarding partial output %s, written for a different run (%s differ)",
+                           self.partial, ", ".join(differing))
+            self.partial.unlink()
+            return None
         if differing:
             file.close()
             raise StoreError(
                 f"partial output {self.partial} was written for a different run; these fields differ: "
-                f"{', '.join(differing)}. Delete {self.partial} to start over, or rerun with the original "
-                "checkpoints, data and options to resume it."
+                f"{', '.join(differing)}. Pass --overwrite (overwrite=True) or delete {self.partial} to start "
+                "over, or rerun with the original checkpoints, data and options to resume it."
             )
         done = int(file["progress/done"][...].sum())
         logger.info("resuming %s: %d of %d blocks already done", self.partial, done, file["progress/done"].size)
@@ -314,9 +323,14 @@ class ScoreWriter:
         return self.path
 
     def close(self) -> None:
-        """Close the partial file, keeping it for a later resume, and release the lock."""
+        """Close the partial file, keeping it for a later resume when any block is done, and release the lock."""
         if self.file.id.valid:
+            nothing_done = not self.file["progress/done"][...].any()
             self.file.close()
+            if nothing_done:
+                # A run that failed before its first block leaves nothing to resume, and a stale
+                # partial file would block a corrected rerun with a fingerprint mismatch.
+                self.partial.unlink(missing_ok=True)
         self.lock.release()
 
 
@@ -351,6 +365,8 @@ def read_run(path: str | os.PathLike) -> StoredRun:
     try:
         file = h5py.File(path, "r")
     except OSError as error:
+        if "lock" in str(error).lower():
+            raise StoreError(f"{path} is in use by another tracin process; wait for it to finish.") from error
         raise StoreError(f"{path} is not a readable HDF5 file: {error}") from error
     with file:
         version = file.attrs.get("format_version")
