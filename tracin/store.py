@@ -537,3 +537,43 @@ def list_results(path: str | os.PathLike, kind: str) -> list[str]:
     """Return the names of the stored results of one kind, oldest first."""
     with h5py.File(path, "r") as file:
         return [f"{kind}/{name}" for name in sorted(file[kind])] if kind in file else []
+
+
+class StoredExamples:
+    """A map-style dataset over rows of a complete store, safe to read from DataLoader workers.
+
+    h5py file handles must not cross a ``fork`` and cannot be pickled for ``spawn``,
+    so the file is opened lazily, once per process, on the first item read in it.
+    Item i is a dict of the named train datasets at row i, e.g.
+    ``{"index": 3, "self_influence": 0.7}``.
+
+    Args:
+        path: A store written by ``tracin score``.
+        names: Datasets under ``train/`` to return; default ``index``, ``label`` and ``self_influence``.
+    """
+
+    def __init__(self, path: str | os.PathLike, names: tuple[str, ...] = ("index", "label", "self_influence")):
+        self.path = Path(path)
+        self.names = tuple(names)
+        with h5py.File(self.path, "r") as file:
+            missing = [name for name in self.names if f"train/{name}" not in file]
+            if missing:
+                raise StoreError(f"{self.path} has no train datasets {missing}; it has {sorted(file['train'])}.")
+            self.length = file["train/index"].shape[0]
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return {name: self._file[f"train/{name}"][row] for name in self.names}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_file"] = None
+        state["_pid"] = None
+        return state
