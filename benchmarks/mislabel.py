@@ -1,15 +1,16 @@
 r"""Find flipped labels and unusual images on MNIST: TracInCP self-influence against other rankings.
 
-Default command (SmallCNN; 22 minutes of wall time on 2 CPU cores shared with other jobs,
-torch 2.13 CPU build, one torch thread)::
+Default command, SmallCNN. On 2 CPU cores shared with other jobs (torch 2.13 CPU build,
+one torch thread) it took 8.3 minutes of wall time while the machine was quiet and 15.2
+minutes while other jobs used it::
 
     python benchmarks/mislabel.py
 
-The MLP, with the same settings (7 minutes on the same machine)::
+The MLP with the same settings took 4.3 minutes on the same machine::
 
     python benchmarks/mislabel.py --model mlp --plot '' --workdir runs/mislabel_benchmark_mlp
 
-A quick check of the whole pipeline (about 2 minutes)::
+A quick check of the whole pipeline took 30 seconds::
 
     python benchmarks/mislabel.py --seeds 1 --train-size 3000 --captum none --no-cleanlab \
         --no-mid-epoch --flip-fractions 0.1 --plot ''
@@ -18,17 +19,18 @@ Each run trains the demo SmallCNN (or the MLP) with a real ``pl.Trainer`` on the
 first ``--train-size`` MNIST train images, with ``--flip-fractions`` of the labels
 changed to another class. Training uses plain SGD with learning rate 0.1, halved every
 2 epochs by StepLR, batch size 128 and 4 epochs. ``TracInCheckpoint(every_n_epochs=1)``
-saves the 4 epoch-end checkpoints. A second ``TracInCheckpoint`` saves every half
-epoch for the checkpoint-count variant. The seed (0, 1, 2, ...) drives the flipped
+saves the 4 epoch-end checkpoints. A second ``TracInCheckpoint`` saves in the middle
+of each epoch for the checkpoint-count variant (``--no-mid-epoch`` leaves it out). The seed (0, 1, 2, ...) drives the flipped
 labels, the weight initialization and the shuffling.
 
 Rankings, most suspicious first:
 
 * TracInCP self-influence over the 4 epoch-end checkpoints (``tracin.trace_self_influence``);
-* loss at the last checkpoint and area under the margin (AUM, Pleiss et al., "Identifying
-  Mislabeled Data using the Area Under the Margin Ranking", NeurIPS 2020): the given
-  label's logit minus the largest other logit, summed over the saved checkpoints (eval
-  mode), not over every epoch's training pass as in the paper;
+* loss at the last checkpoint;
+* area under the margin (AUM, Pleiss et al., "Identifying Mislabeled Data using the Area
+  Under the Margin Ranking", NeurIPS 2020). The margin is the given label's logit minus
+  the largest other logit. Here it is summed over the saved checkpoints in eval mode,
+  not over every epoch's training pass as in the paper;
 * last-layer TracInCP (``params=last_linear_parameters(model)``);
 * Captum's ``TracInCP.self_influence`` with ``sample_wise_grads_per_batch=True`` on the same
   checkpoints and learning rates (``--captum first`` runs it for the first seed only);
@@ -109,7 +111,7 @@ class UnusualImagesDataModule(pl.LightningDataModule):
         self.unusual_kind = np.zeros(0, dtype="<U8")
 
     def setup(self, stage: str | None = None) -> None:
-        """Build both splits once; later calls do nothing."""
+        """Build both splits on the first call. Later calls do nothing."""
         if self._train is not None:
             return
         train_size = self.hparams.train_size
@@ -213,7 +215,7 @@ def accuracy_on(model: nn.Module, dataset: Dataset) -> float:
 
 def last_layer_inputs(model: nn.Module, checkpoints: list[Checkpoint], dataset: Dataset
                       ) -> tuple[np.ndarray, np.ndarray]:
-    r"""Return ``||h||^2`` and ``||p - e_y||^2`` at each checkpoint, both of shape ``(N, C)``.
+    r"""Return ``‖h‖^2`` and ``‖p - e_y‖^2`` at each checkpoint, both of shape ``(N, C)``.
 
     ``h`` is the input of the model's last ``nn.Linear``, captured by a forward hook in
     eval mode, and ``p`` the softmax of the outputs. For cross-entropy the last layer's
@@ -245,6 +247,11 @@ def last_layer_inputs(model: nn.Module, checkpoints: list[Checkpoint], dataset: 
     finally:
         handle.remove()
     return feature_norm, residual_norm
+
+
+def input_norms(dataset: Dataset) -> np.ndarray:
+    """Return the squared norm of each normalized input image, shape ``(N,)``."""
+    return torch.cat([(x.double() ** 2).flatten(1).sum(dim=1) for x, _ in DataLoader(dataset, batch_size=1000)]).numpy()
 
 
 def captum_self_influence(model: nn.Module, checkpoints: list[Checkpoint], dataset: Dataset) -> np.ndarray:
@@ -309,12 +316,14 @@ class RunScores:
     """Every per-example score of one trained model; arrays of shape ``(N,)`` or ``(N, C)``."""
 
     labels: np.ndarray
-    self_influence: np.ndarray        # (N, C) lr_c * ||g_c||^2, all parameters, epoch-end checkpoints
+    self_influence: np.ndarray        # (N, C) lr_c * ‖g_c‖^2, all parameters, epoch-end checkpoints
     last_layer: np.ndarray            # (N, C) the same for the last nn.Linear only
     loss: np.ndarray                  # (N, C)
     margin: np.ndarray                # (N, C)
-    feature_norm: np.ndarray          # (N, C) ||h||^2 of the last nn.Linear's input
-    residual_norm: np.ndarray         # (N, C) ||p - e_y||^2
+    feature_norm: np.ndarray          # (N, C) ‖h‖^2 of the last nn.Linear's input
+    residual_norm: np.ndarray         # (N, C) ‖p - e_y‖^2
+    input_norm: np.ndarray            # (N,) ‖x‖^2 of the normalized input image
+    prediction: np.ndarray            # (N,) argmax of the outputs at the last checkpoint
     learning_rates: np.ndarray        # (C,)
     mid_self_influence: np.ndarray | None = None   # (N, C_mid) at the mid-epoch checkpoints
     captum: np.ndarray | None = None
@@ -351,7 +360,8 @@ def score_run(kind: str, datamodule: pl.LightningDataModule, directory: Path, se
     scores = RunScores(
         labels=full["label"], self_influence=full["checkpoint_self_influence"],
         last_layer=last["checkpoint_self_influence"], loss=full["loss"], margin=full["margin"],
-        feature_norm=feature_norm, residual_norm=residual_norm,
+        feature_norm=feature_norm, residual_norm=residual_norm, input_norm=input_norms(train),
+        prediction=full["prediction"],
         learning_rates=np.array([c.lr[0] for c in checkpoints]), timings=timings, test_accuracy=accuracy,
     )
     if mid:
@@ -432,14 +442,14 @@ def variant_rankings(scores: RunScores) -> dict[str, np.ndarray]:
 
     orders.update({
         "self-influence, each checkpoint scaled to mean 1": descending((columns / columns.mean(axis=0)).sum(axis=1)),
-        "self-influence / ||[h,1]||², all checkpoints": descending(normalized.sum(axis=1)),
-        "self-influence / ||[h,1]||², last half": descending(normalized[:, last_half].sum(axis=1)),
-        "self-influence / ||[h,1]||², last checkpoint": descending(normalized[:, -1]),
+        "self-influence / ‖[h,1]‖², all checkpoints": descending(normalized.sum(axis=1)),
+        "self-influence / ‖[h,1]‖², last half": descending(normalized[:, last_half].sum(axis=1)),
+        "self-influence / ‖[h,1]‖², last checkpoint": descending(normalized[:, -1]),
         "last-layer self-influence": descending(scores.last_layer.sum(axis=1)),
-        "last-layer self-influence / ||[h,1]||² (= Σ lr ||p - e_y||²)": descending(residual.sum(axis=1)),
-        "Σ lr ||p - e_y||², last half": descending(residual[:, last_half].sum(axis=1)),
+        "last-layer self-influence / ‖[h,1]‖² (= Σ lr ‖p - e_y‖²)": descending(residual.sum(axis=1)),
+        "Σ lr ‖p - e_y‖², last half": descending(residual[:, last_half].sum(axis=1)),
         "mean rank of self-influence and AUM": mean_rank(self_influence, area_under_margin),
-        "mean rank of self-influence / ||[h,1]||² and AUM": mean_rank(descending(normalized.sum(axis=1)),
+        "mean rank of self-influence / ‖[h,1]‖² and AUM": mean_rank(descending(normalized.sum(axis=1)),
                                                                       area_under_margin),
         "mean rank of self-influence and loss": mean_rank(self_influence, loss),
         "loss, summed over checkpoints": descending(scores.loss.sum(axis=1)),
@@ -484,34 +494,42 @@ def top_counts(order: np.ndarray, unusual: np.ndarray, kind: np.ndarray) -> dict
 
 
 def diagnostics(scores: RunScores, flipped: np.ndarray) -> dict[str, float]:
-    """Measure how the last layer's input norm shapes self-influence, on one run with flipped labels."""
+    """Measure how input and feature norms shape self-influence, on one run with flipped labels.
+
+    ``h`` is the input of the last ``nn.Linear``, ``x`` the normalized image and ``p`` the
+    softmax output, all at the last checkpoint unless a name says otherwise.
+    """
     is_flipped = np.zeros(len(scores.labels), dtype=bool)
     is_flipped[flipped] = True
     clean = ~is_flipped
     feature = scores.feature_norm[:, -1]
+    residual = scores.residual_norm[:, -1]
+    loss = scores.loss[:, -1]
     total = scores.self_influence.sum(axis=1)
     last_layer = scores.last_layer.sum(axis=1)
+
+    # The traced last-layer self-influence against lr * ‖p - e_y‖^2 * (‖h‖^2 + 1).
     closed_form = scores.learning_rates * scores.residual_norm * (scores.feature_norm + 1.0)
     relative_error = np.abs(closed_form - scores.last_layer) / np.maximum(scores.last_layer, 1e-30)
-    loss = scores.loss[:, -1]
-    residual = scores.residual_norm[:, -1]
+
     top_rows = descending(total)[: int(round(0.1 * len(total)))]
     found = np.isin(flipped, top_rows)
     return {
-        "spearman ||h||², self-influence (clean)": _spearman(feature, total, clean),
-        "spearman ||h||², self-influence (flipped)": _spearman(feature, total, is_flipped),
-        "spearman ||p-e_y||², self-influence (clean)": _spearman(residual, total, clean),
-        "spearman ||p-e_y||², self-influence (flipped)": _spearman(residual, total, is_flipped),
-        "spearman ||h||², loss (clean)": _spearman(feature, loss, clean),
-        "median ||p-e_y||² at last checkpoint (flipped; at most 2)": float(np.median(residual[is_flipped])),
-        "median ||h||² flipped / clean": float(np.median(feature[is_flipped]) / np.median(feature[clean])),
-        "median ||h||² of flipped missed / found by self-influence top 10%": float(
+        "spearman ‖h‖², self-influence (clean)": _spearman(feature, total, clean),
+        "spearman ‖h‖², self-influence (flipped)": _spearman(feature, total, is_flipped),
+        "spearman ‖p-e_y‖², self-influence (clean)": _spearman(residual, total, clean),
+        "spearman ‖p-e_y‖², self-influence (flipped)": _spearman(residual, total, is_flipped),
+        "spearman ‖h‖², loss (clean)": _spearman(feature, loss, clean),
+        "spearman ‖x‖², self-influence (clean)": _spearman(scores.input_norm, total, clean),
+        "median ‖p-e_y‖² at last checkpoint (flipped; at most 2)": float(np.median(residual[is_flipped])),
+        "median ‖h‖² flipped / clean": float(np.median(feature[is_flipped]) / np.median(feature[clean])),
+        "median ‖h‖² of flipped missed / found by self-influence top 10%": float(
             np.median(feature[flipped[~found]]) / np.median(feature[flipped[found]])),
-        "||h||² 90th / 10th percentile (clean)": float(np.percentile(feature[clean], 90)
+        "‖h‖² 90th / 10th percentile (clean)": float(np.percentile(feature[clean], 90)
                                                       / np.percentile(feature[clean], 10)),
         "median last-layer share of self-influence": float(np.median(last_layer / total)),
         "max relative error of the (p-e_y)⊗[h,1] closed form": float(relative_error.max()),
-        "recall@10% of ||h||² alone": curve_metrics(descending(feature), flipped)["recall@10%"],
+        "recall@10% of ‖h‖² alone": curve_metrics(descending(feature), flipped)["recall@10%"],
     }
 
 
@@ -548,6 +566,26 @@ def flip_setting(options: argparse.Namespace, fraction: float, seed: int) -> dic
     return result
 
 
+def group_medians(scores: RunScores, unusual: np.ndarray, kind: np.ndarray) -> dict[str, dict[str, float]]:
+    """Median scores of the MNIST images, the misclassified ones among them, and each kind of unusual image."""
+    mnist = np.setdiff1d(np.arange(len(scores.labels)), unusual)
+    groups = {
+        "MNIST images": mnist,
+        "MNIST images misclassified at the last checkpoint": mnist[scores.prediction[mnist] != scores.labels[mnist]],
+        "inverted digits": unusual[kind == "inverted"],
+        "uniform noise": unusual[kind == "noise"],
+    }
+    values = {
+        "count": lambda rows: float(len(rows)),
+        "self-influence": lambda rows: float(np.median(scores.self_influence[rows].sum(axis=1))),
+        "loss at last checkpoint": lambda rows: float(np.median(scores.loss[rows, -1])),
+        "‖p - e_y‖² at last checkpoint": lambda rows: float(np.median(scores.residual_norm[rows, -1])),
+        "‖h‖² at last checkpoint": lambda rows: float(np.median(scores.feature_norm[rows, -1])),
+        "‖x‖²": lambda rows: float(np.median(scores.input_norm[rows])),
+    }
+    return {group: {name: value(rows) for name, value in values.items()} for group, rows in groups.items()}
+
+
 def unusual_setting(options: argparse.Namespace, seed: int) -> dict:
     datamodule = UnusualImagesDataModule(train_size=options.train_size, unusual_fraction=options.unusual_fraction,
                                          seed=seed)
@@ -561,6 +599,7 @@ def unusual_setting(options: argparse.Namespace, seed: int) -> dict:
         "n_unusual": len(unusual), "n_train": len(scores.labels),
         "counts": {name: top_counts(order, unusual, kind) for name, order in main_rankings(scores, seed).items()},
         "variant_counts": {name: top_counts(order, unusual, kind) for name, order in variant_rankings(scores).items()},
+        "medians": group_medians(scores, unusual, kind),
     }
     if scores.captum is not None:
         result["captum_spearman"] = float(spearmanr(scores.captum, scores.self_influence.sum(axis=1)).statistic)
@@ -638,6 +677,17 @@ def unusual_table(results: list[dict], key: str) -> list[str]:
     return lines
 
 
+def medians_table(results: list[dict]) -> list[str]:
+    groups = list(results[0]["medians"])
+    quantities = list(results[0]["medians"][groups[0]])
+    lines = ["| group | " + " | ".join(quantities) + " |", "| --- |" + " --- |" * len(quantities)]
+    for group in groups:
+        cells = [mean_std([r["medians"][group][quantity] for r in results], *((0, "f") if quantity == "count" else (3, "g")))
+                 for quantity in quantities]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def timing_lines(results: list[dict]) -> list[str]:
     phases = list(dict.fromkeys(phase for result in results for phase in result["timings"]))
     lines = ["| phase | runs | mean seconds per run |", "| --- | --- | --- |"]
@@ -677,6 +727,7 @@ def write_report(options: argparse.Namespace, flip_results: list[dict], unusual_
                   f"{round(0.01 * first['n_train'])} rows, top 2% = {round(0.02 * first['n_train'])} rows.", "",
                   *unusual_table(unusual_results, "counts"), "", "Variants:", "",
                   *unusual_table(unusual_results, "variant_counts"), ""]
+        lines += ["Medians by group:", "", *medians_table(unusual_results), ""]
         captum = [r["captum_spearman"] for r in unusual_results if "captum_spearman" in r]
         if captum:
             lines += [f"Spearman correlation of Captum's and tracin's self-influence: {mean_std(captum, 6)}.", ""]

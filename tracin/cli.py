@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
     score.add_argument("--device", help="torch device, e.g. cpu or cuda:0; default cuda when available")
     _add_launch_options(score)
-    _add_output_options(score)
+    _add_output_options(score, rank_by=True)
 
     influence = commands.add_parser(
         "influence",
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="print the tables of a stored run again without recomputing")
     show.add_argument("store", type=Path, help="HDF5 store written by 'tracin score'")
-    _add_output_options(show)
+    _add_output_options(show, rank_by=True)
 
     verify = commands.add_parser(
         "verify",
@@ -165,11 +165,15 @@ def _add_launch_options(parser: argparse.ArgumentParser) -> None:
                              "(default 1800)")
 
 
-def _add_output_options(parser: argparse.ArgumentParser, default_top: int = 20) -> None:
+def _add_output_options(parser: argparse.ArgumentParser, default_top: int = 20, rank_by: bool = False) -> None:
     parser.add_argument("--top", type=_positive_int, default=default_top,
                         help=f"rows in each table (default {default_top})")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout instead of a table")
     parser.add_argument("--png", type=Path, help="also write a contact sheet of the top images to this PNG file")
+    if rank_by:
+        parser.add_argument("--rank-by", choices=["self-influence", "loss", "margin"], default="self-influence",
+                            help="order of the outlier table (default self-influence); on MNIST, loss and margin "
+                            "found flipped labels best and self-influence unusual images")
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -155,11 +155,11 @@ def show(args: argparse.Namespace) -> int:
 
 
 def _render(stored, args: argparse.Namespace, dataset) -> None:
-    rows, nonfinite = report.outlier_rows(stored, args.top)
+    rows, nonfinite = report.outlier_rows(stored, args.top, args.rank_by)
     if args.json:
         print_json({"store": str(stored.path), **report.rows_as_json(rows, nonfinite)})
     else:
-        report.print_table(report.outlier_table(rows, nonfinite, len(stored.train["index"])), Console())
+        report.print_table(report.outlier_table(rows, nonfinite, len(stored.train["index"]), args.rank_by), Console())
     if args.png is not None:
         report.write_outlier_sheet(rows, dataset, args.png)
         logger.info("wrote %s", args.png)
