@@ -750,7 +750,7 @@ def test_empty_checkpoint_dir_rejected(tmp_path):
         trace_self_influence(TinyMLP(), empty, digits_dataset(20), tmp_path / "run.h5")
 
     assert str(empty) in str(raised.value)
-    assert "holds no checkpoint" in str(raised.value)
+    assert "contains no checkpoint" in str(raised.value)
 
 
 def test_output_in_missing_directory_rejected(tmp_path):

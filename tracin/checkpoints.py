@@ -106,7 +106,7 @@ def discover_checkpoints(
             checkpoint in training order. It replaces the recorded rates.
 
     Raises:
-        CheckpointNotFoundError: the directory or a file does not exist, or holds no checkpoint.
+        CheckpointNotFoundError: the directory or a file does not exist, or contains no checkpoint.
         ConfigurationError: ``lr`` has a different length than the list of checkpoints.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -125,7 +125,7 @@ def _discover_in_directory(directory: Path) -> list[Checkpoint]:
             "or of ModelCheckpoint from your training run."
         )
     if not directory.is_dir():
-        raise CheckpointNotFoundError(f"{directory} is not a directory. Pass the directory that holds the checkpoints.")
+        raise CheckpointNotFoundError(f"{directory} is not a directory. Pass the directory that contains the checkpoints.")
     manifest = read_manifest(directory)
     if manifest is not None and manifest.checkpoints:
         checkpoints = []
@@ -144,7 +144,7 @@ def _discover_in_directory(directory: Path) -> list[Checkpoint]:
     files = sorted(path for path in directory.iterdir() if path.suffix in CHECKPOINT_SUFFIXES and path.is_file())
     if not files:
         raise CheckpointNotFoundError(
-            f"checkpoint directory {directory} holds no checkpoint (no tracin_manifest.json and no "
+            f"checkpoint directory {directory} contains no checkpoint (no tracin_manifest.json and no "
             f"{'/'.join(CHECKPOINT_SUFFIXES)} files). Train with TracInCheckpoint(dirpath=...) or "
             "ModelCheckpoint(save_top_k=-1, every_n_epochs=1) first."
         )
@@ -212,7 +212,7 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
         ) from error
     if not isinstance(content, dict):
         raise CheckpointError(
-            f"checkpoint {path} holds a {type(content).__name__}, expected a dict of tensors or a dict "
+            f"checkpoint {path} contains a {type(content).__name__}, expected a dict of tensors or a dict "
             "with a 'state_dict' entry."
         )
     return content

@@ -19,7 +19,7 @@ class CheckpointError(TracInError, ValueError):
 
 
 class CheckpointNotFoundError(TracInError, FileNotFoundError):
-    """A checkpoint file or directory does not exist or holds no checkpoint."""
+    """A checkpoint file or directory does not exist or contains no checkpoint."""
 
 
 class MissingLearningRateError(CheckpointError):

@@ -130,7 +130,7 @@ def batch_size(batch: Any) -> int:
     leaves = []
     tree_map(lambda value: leaves.append(value) if isinstance(value, Tensor) else None, batch)
     if not leaves:
-        raise TypeError(f"batch of type {type(batch).__name__} holds no tensor.")
+        raise TypeError(f"batch of type {type(batch).__name__} contains no tensor.")
     return leaves[0].shape[0]
 
 

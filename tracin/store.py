@@ -485,7 +485,7 @@ class GradientReader:
         group = self.file.get("gradients")
         if group is None or not group.attrs.get("complete", False):
             self.file.close()
-            raise StoreError(f"{path} holds no complete train gradients. Run 'tracin influence' to compute them.")
+            raise StoreError(f"{path} has no complete train gradients. Run 'tracin influence' to compute them.")
         self.group = group
         self.n_checkpoints = group["done"].shape[0]
 

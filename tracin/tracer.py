@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TraceSummary:
-    """What a trace found besides the scores.
+    """Findings of a trace besides the scores.
 
     Attributes:
         run: The complete store, read back.
