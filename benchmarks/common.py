@@ -1,7 +1,8 @@
 """Shared parts of the speed benchmarks: models, data, Captum adapters, the baseline pass and timing.
 
-The benchmark scripts import this module as ``common``; run them from the
-repository root as ``python benchmarks/NAME.py`` so that Python finds it.
+The benchmark scripts import this module as ``common``. Run them from the
+repository root as ``python benchmarks/NAME.py``, because the checkpoint
+directories below are relative to it.
 """
 
 from __future__ import annotations
