@@ -14,8 +14,8 @@ from tracin.errors import StoreError
 from tracin.store import OutputLock, partial_path
 
 SCRIPT = Path(__file__).with_name("resume_run.py")
-# 200 examples in batches of 16 make 13 batches per checkpoint; the loss runs once per batch
-# (plus once to check its shape), so call 20 is the 6th batch of the second checkpoint.
+# 200 examples in batches of 16 make 13 batches per checkpoint. The loss runs once per batch, plus
+# once to check its shape, so call 20 is the 6th batch of the second checkpoint.
 KILL_MID_SECOND_CHECKPOINT = 20
 
 

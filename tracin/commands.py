@@ -39,8 +39,8 @@ def score(args: argparse.Namespace, make_progress: Callable) -> int:
     check_output_path(out, args.overwrite)
     launch = _launches_processes(args)
     lr = args.lr[0] if args.lr and len(args.lr) == 1 else args.lr
-    # Find the checkpoints and check --lr and --device first: an empty directory should say so, not that a
-    # manifest is missing, and a bad device should fail before the model and data load.
+    # Find the checkpoints and check --lr and --device before loading the model and data, so an empty
+    # directory is reported as empty rather than as missing a manifest, and a bad device fails at once.
     discover_checkpoints(args.checkpoint_dir, lr)
     if args.device is not None:
         resolve_device(args.device)

@@ -3,7 +3,7 @@
 A loss here is a callable ``loss(model, batch) -> Tensor`` of shape ``(B,)``,
 or a pair ``(losses (B,), outputs (B, ...))`` when it also returns the model
 outputs. The tracer calls it on one example at a time inside ``torch.func.vmap``,
-so ``batch`` then holds a batch of size 1.
+so ``batch`` then contains a batch of size 1.
 
 Scores do not depend on how the user's training loss was reduced: a
 ``torch.nn`` loss module with ``reduction="mean"`` or ``"sum"`` is converted to
