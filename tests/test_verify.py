@@ -215,3 +215,40 @@ def test_verify_command_rejects_mixed_modes(run_dir, args, message):
 
     with pytest.raises(ConfigurationError, match=message):
         commands.verify(parsed, make_progress)
+
+
+def copy_run(run_dir: Path, target: Path, keep_trainer: bool = True) -> Path:
+    """Copy the checkpoints and manifest of ``run_dir`` (not its store) into ``target``."""
+    target.mkdir()
+    for path in run_dir.glob("*.pt"):
+        (target / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
+    if not keep_trainer:
+        del manifest["trainer"]
+    (target / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return target
+
+
+def test_verify_without_trainer_settings_fails_before_train_gradients(run_dir, tmp_path):
+    copy = copy_run(run_dir, tmp_path / "old_run", keep_trainer=False)
+    run = rebuild_run(copy)
+    store = copy / "tracin.h5"
+    trace_self_influence(run.model, copy, run.dataset("train"), store,
+                         run_info={"checkpoint_dir": str(copy), "config": ""})
+    parsed = build_parser().parse_args(["verify", str(copy), "--test", "0", "--remove", str(K)])
+
+    with pytest.raises(ConfigurationError, match="records no Trainer settings"):
+        commands.verify(parsed, make_progress)
+
+    with h5py.File(store, "r") as file:
+        assert "gradients" not in file
+
+
+def test_verify_points_to_store_beside_run_dir(run_dir, tmp_path):
+    copy = copy_run(run_dir, tmp_path / "checkpoints")
+    beside = tmp_path / "tracin.h5"
+    beside.write_bytes((run_dir / "tracin.h5").read_bytes())
+    parsed = build_parser().parse_args(["verify", str(copy), "--test", "0", "--remove", str(K)])
+
+    with pytest.raises(ConfigurationError, match=f"Pass it with --store {beside}"):
+        commands.verify(parsed, make_progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 
@@ -273,10 +274,23 @@ def importance(args: argparse.Namespace, make_progress: Callable) -> int:
     return 0
 
 
+def _default_verify_store(run_dir: Path) -> Path:
+    """Return RUN_DIR/tracin.h5, or fail with a hint when the store lies next to RUN_DIR instead."""
+    store = run_dir / "tracin.h5"
+    beside = run_dir.parent / "tracin.h5"
+    if not store.exists() and beside.is_file():
+        raise ConfigurationError(
+            f"store {store} not found, but {beside} exists (the demo writes its store there). "
+            f"Pass it with --store {beside}."
+        )
+    return store
+
+
 def verify(args: argparse.Namespace, make_progress: Callable) -> int:
     """Retrain a run without influence-picked train examples, print how the test loss changed, and store it."""
     # Imported here because they load the Lightning Trainer, which the other commands do not need.
     from tracin import verify_report
+    from tracin.retrain import trainer_settings
     from tracin.verify import OUTLIER_WAYS, TEST_WAYS, check_removal_count, verify_outliers, verify_test_examples
 
     outliers = args.remove_outliers is not None
@@ -294,7 +308,7 @@ def verify(args: argparse.Namespace, make_progress: Callable) -> int:
             f"run directory {args.run_dir} does not exist or is not a directory. Pass the dirpath of "
             "TracInCheckpoint from your run."
         )
-    args.store = args.store or args.run_dir / "tracin.h5"
+    args.store = args.store or _default_verify_store(args.run_dir)
     settings = {"accelerator": args.accelerator} if args.accelerator else None
     # Each retraining builds a Trainer, and Lightning logs its devices and a tip at info level every time.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -312,9 +326,11 @@ def verify(args: argparse.Namespace, make_progress: Callable) -> int:
     else:
         stored = read_run(args.store)
         run = rebuild_run(args.run_dir, config_text=stored.attrs.get("config") or None)
-        # Check the selection and K first, so a typo fails before the train gradients are computed.
+        # Check the selection, K and the Trainer settings first, so a mistake fails before the
+        # train gradients are computed.
         indices = parse_selection(args.test, len(run.dataset("test")))
         check_removal_count(args.remove, len(stored.train["index"]))
+        trainer_settings(run.manifest, args.run_dir, settings)
         context = _gradient_context(args, stored, run, make_progress)
         with make_progress("retraining") as progress:
             task = progress.add_task("retrain", total=None)
