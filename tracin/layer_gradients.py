@@ -218,7 +218,11 @@ class LayerGradientComputer:
             and not isinstance(layer.module, BATCH_NORMS)
             and self.projector.is_kronecker(name)
         )
-        values, sums = _layer_results(layer, calls, materialize=mode != "norm", form_weight=not kronecker)
+        # Once a layer passed the check at this checkpoint, its batch sums are not needed: for the
+        # Gram and Kronecker paths they cost as much as the weight gradient of a plain backward pass.
+        check = any(_join(layer.name, local) not in self._verified for local in layer.params)
+        values, sums = _layer_results(layer, calls, materialize=mode != "norm", form_weight=not kronecker,
+                                      check=check)
         if kronecker:
             projected = None
             for inputs, output_grad in calls:
@@ -294,10 +298,12 @@ def _positions(layer: _Layer, inputs: Tensor, output_grad: Tensor) -> tuple[Tens
     return patches.transpose(1, 2), output_grad.flatten(2).transpose(1, 2)
 
 
-def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materialize: bool, form_weight: bool = True):
+def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materialize: bool, form_weight: bool = True,
+                   check: bool = True):
     """Per-example gradients (or squared norms) and their batch sums for one layer, summed over its calls.
 
-    With ``form_weight=False`` only the batch sum of the weight gradient is formed.
+    With ``form_weight=False`` only the batch sum of the weight gradient is formed. With
+    ``check=False`` that batch sum is skipped as well, and the weight's sum is None.
     """
     module = layer.module
     if isinstance(module, BATCH_NORMS):
@@ -319,9 +325,10 @@ def _layer_results(layer: _Layer, calls: list[tuple[Tensor, Tensor]], materializ
         a, delta = _positions(layer, inputs, output_grad)
         gram = materialize is False and single_call and groups == 1 and _gram_is_cheaper(a, delta)
         if not form_weight or gram:
-            # Only the batch sum of the weight gradient is formed, for the check against autograd.
-            total = torch.einsum("bto,bti->oi", delta, a).reshape(module.weight.shape)
-            weight_sum = total if weight_sum is None else weight_sum + total
+            if check:
+                # Only the batch sum of the weight gradient is formed, for the check against autograd.
+                total = torch.einsum("bto,bti->oi", delta, a).reshape(module.weight.shape)
+                weight_sum = total if weight_sum is None else weight_sum + total
             if gram:
                 norms["weight"] = _gram_squared_norm(a, delta)
         else:
