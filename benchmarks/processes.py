@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                 timings[name].append(seconds)
                 print(f"  round {round_index + 1}, {name}: {seconds:.1f} s "
                       f"(1-minute load average {os.getloadavg()[0]:.1f})", flush=True)
-        one = read_run(stores[RUNS[0][0]]).train
-        two = read_run(stores[RUNS[1][0]]).train
-        n_train = len(one["index"])
-        same_order = np.array_equal(one["index"], two["index"])
-        difference = np.abs(two["self_influence"] - one["self_influence"]) / np.abs(one["self_influence"]).clip(1e-30)
+        one_process = read_run(stores[RUNS[0][0]]).train
+        two_processes = read_run(stores[RUNS[1][0]]).train
+        n_train = len(one_process["index"])
+        same_order = np.array_equal(one_process["index"], two_processes["index"])
+        difference = np.abs(two_processes["self_influence"] - one_process["self_influence"]) / np.abs(one_process["self_influence"]).clip(1e-30)
 
     base = statistics.median(timings[RUNS[0][0]])
     rows = []
