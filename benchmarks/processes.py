@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         two_processes = read_run(stores[RUNS[1][0]]).train
         n_train = len(one_process["index"])
         same_order = np.array_equal(one_process["index"], two_processes["index"])
-        difference = np.abs(two_processes["self_influence"] - one_process["self_influence"]) / np.abs(one_process["self_influence"]).clip(1e-30)
+        reference = one_process["self_influence"]
+        difference = np.abs(two_processes["self_influence"] - reference) / np.abs(reference).clip(1e-30)
 
     base = statistics.median(timings[RUNS[0][0]])
     rows = []
