@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import matplotlib.image
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -23,7 +24,9 @@ from tracin.manifest import MANIFEST_NAME, Manifest, read_manifest
 from tracin.rebuild import rebuild_run
 from tracin.retrain import kept_indices, retrain, subset_loader, train_loader, trainer_settings
 from tracin.store import list_results, read_result
-from tracin.verify import OUTLIER_WAYS, verify_outliers, verify_test_examples
+from tracin import verify as verify_api
+from tracin.verify import OUTLIER_WAYS, OutlierVerification, verify_outliers, verify_test_examples
+from tracin.verify_plot import MAX_THUMBNAILS, write_outlier_figure, write_test_example_figure
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The '?train_dataloader'? does not have many workers",
@@ -177,9 +180,11 @@ def test_cli_verify_stores_result(run_dir):
     store = run_dir / "tracin.h5"
     before = list_results(store, "verify")
 
-    result = run_cli("verify", run_dir, "--test", "0", "--remove", K, "--seeds", 1)
+    png = run_dir.parent / "verify.png"
+    result = run_cli("verify", run_dir, "--test", "0", "--remove", K, "--seeds", 1, "--png", png)
 
     assert result.returncode == 0, describe(result)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Δ loss, top-K proponents removed" in result.stdout, describe(result)
     assert "of 1 test examples" in " ".join(result.stdout.split()), describe(result)
     name = f"verify/{len(before):04d}"
@@ -252,3 +257,42 @@ def test_verify_points_to_store_beside_run_dir(run_dir, tmp_path):
 
     with pytest.raises(ConfigurationError, match=f"Pass it with --store {beside}"):
         commands.verify(parsed, make_progress)
+
+
+def synthetic_test_result(n_test: int, seeds: int = 2) -> verify_api.TestExampleVerification:
+    """A verification result with made-up losses, for the figures."""
+    generator = np.random.default_rng(0)
+    # Imported through the module, so pytest does not collect the class as a test.
+    return verify_api.TestExampleVerification(
+        test_index=np.arange(n_test), seeds=np.arange(seeds),
+        proponent_removed=np.zeros((n_test, K), dtype=np.int64),
+        random_removed=np.zeros((n_test, seeds, K), dtype=np.int64),
+        loss=generator.uniform(0.0, 2.0, size=(n_test, 3, seeds)), test_label=np.zeros(n_test, dtype=np.int64), k=K,
+    )
+
+
+@pytest.mark.parametrize("n_test", [3, MAX_THUMBNAILS + 1])
+def test_test_example_figure_size(run_dir, tmp_path, n_test):
+    test_data = rebuild_run(run_dir).dataset("test")
+
+    path = write_test_example_figure(synthetic_test_result(n_test), test_data, tmp_path / "verify.png")
+
+    height, width, _ = matplotlib.image.imread(path).shape
+    if n_test <= MAX_THUMBNAILS:
+        assert width == round(110 * (1.9 * n_test + 0.8))
+        assert height == round(110 * 4.6)
+    else:
+        assert (width, height) == (round(110 * 5.5), round(110 * 5.0))
+
+
+def test_outlier_figure_written(tmp_path):
+    result = OutlierVerification(
+        seeds=np.arange(2), outlier_removed=np.arange(K), random_removed=np.zeros((2, K), dtype=np.int64),
+        loss=np.array([[0.5, 0.6], [0.4, 0.45], [0.41, 0.42]]),
+        accuracy=np.array([[0.8, 0.82], [0.85, 0.84], [0.86, 0.85]]), n_test=N_TEST,
+    )
+
+    path = write_outlier_figure(result, tmp_path / "outliers.png")
+
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert (width, height) == (round(110 * 6.4), round(110 * 3.2))

@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retrain on this accelerator (cpu, cuda, mps) instead of the one the run used")
     _add_gradient_options(verify)
     verify.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of a table")
+    verify.add_argument("--png", type=Path,
+                        help="also write a figure of the changes, one dot per seed, to this PNG file")
     return parser
 
 

@@ -289,7 +289,7 @@ def _default_verify_store(run_dir: Path) -> Path:
 def verify(args: argparse.Namespace, make_progress: Callable) -> int:
     """Retrain a run without influence-picked train examples, print how the test loss changed, and store it."""
     # Imported here because they load the Lightning Trainer, which the other commands do not need.
-    from tracin import verify_report
+    from tracin import verify_plot, verify_report
     from tracin.retrain import trainer_settings
     from tracin.verify import OUTLIER_WAYS, TEST_WAYS, check_removal_count, verify_outliers, verify_test_examples
 
@@ -349,4 +349,10 @@ def verify(args: argparse.Namespace, make_progress: Callable) -> int:
         print_json({"store": str(args.store), "result": name, **rows})
     else:
         Console().print(table)
+    if args.png is not None:
+        if outliers:
+            verify_plot.write_outlier_figure(result, args.png)
+        else:
+            verify_plot.write_test_example_figure(result, run.dataset("test"), args.png)
+        logger.info("wrote %s", args.png)
     return 0
