@@ -23,9 +23,9 @@ from tracin.errors import ConfigurationError, SelectionError, StoreError
 from tracin.manifest import MANIFEST_NAME, Manifest, read_manifest
 from tracin.rebuild import rebuild_run
 from tracin.retrain import kept_indices, retrain, subset_loader, train_loader, trainer_settings
-from tracin.store import list_results, read_result
+from tracin.store import append_result, list_results, read_result
 from tracin import verify as verify_api
-from tracin.verify import OUTLIER_WAYS, OutlierVerification, verify_outliers, verify_test_examples
+from tracin.verify import OUTLIER_WAYS, OutlierVerification, read_verification, verify_outliers, verify_test_examples
 from tracin.verify_plot import MAX_THUMBNAILS, write_outlier_figure, write_test_example_figure
 
 pytestmark = pytest.mark.filterwarnings(
@@ -197,6 +197,19 @@ def test_cli_verify_stores_result(run_dir):
     assert np.isfinite(arrays["loss"]).all()
     with h5py.File(store, "r") as file:
         assert "verify/0000" in file
+    read_back = read_verification(store, name)
+    assert read_back.k == K
+    np.testing.assert_array_equal(read_back.loss, arrays["loss"])
+    np.testing.assert_array_equal(read_back.test_index, [0])
+
+
+def test_read_verification_rejects_other_result(run_dir, tmp_path):
+    store = tmp_path / "tracin.h5"
+    store.write_bytes((run_dir / "tracin.h5").read_bytes())
+    name = append_result(store, "influence", {"scores": np.zeros(3)}, {"mode": "top_k"})
+
+    with pytest.raises(ConfigurationError, match="is not a 'tracin verify' result"):
+        read_verification(store, name)
 
 
 def test_cli_verify_rejects_large_k(run_dir):

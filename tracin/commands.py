@@ -321,7 +321,7 @@ def verify(args: argparse.Namespace, make_progress: Callable) -> int:
                 enable_progress_bar=False,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
-        attrs = {"mode": "outliers", "k": result.k, "ways": ",".join(OUTLIER_WAYS)}
+        attrs = {"mode": "outliers", "k": result.k, "n_test": result.n_test, "ways": ",".join(OUTLIER_WAYS)}
         table, rows = verify_report.outlier_table(result), verify_report.outlier_json(result)
     else:
         stored = read_run(args.store)

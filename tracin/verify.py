@@ -32,7 +32,7 @@ from tracin.passes import ProgressCallback
 from tracin.rebuild import RebuiltRun, rebuild_run
 from tracin.retrain import evaluate, retrain, train_loader, trainer_settings
 from tracin.selection import check_indices
-from tracin.store import StoredRun, read_run
+from tracin.store import StoredRun, read_result, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -362,3 +362,28 @@ def verify_outliers(
         n_test=len(test),
     )
 
+
+
+def read_verification(store: str | os.PathLike, name: str) -> TestExampleVerification | OutlierVerification:
+    """Read a result that ``tracin verify`` stored, e.g. ``verify/0000``, back into its dataclass.
+
+    Raises:
+        StoreError: the store has no result ``name``.
+        ConfigurationError: ``name`` is not a verify result.
+    """
+    arrays, attrs = read_result(store, name)
+    mode = attrs.get("mode")
+    if mode == "test_examples":
+        return TestExampleVerification(
+            test_index=arrays["test_index"], seeds=arrays["seeds"], proponent_removed=arrays["proponent_removed"],
+            random_removed=arrays["random_removed"], loss=arrays["loss"], test_label=arrays["test_label"],
+            k=int(attrs["k"]), normalize=bool(attrs.get("normalize", False)),
+        )
+    if mode == "outliers":
+        # Results stored before n_test was recorded read as -1.
+        return OutlierVerification(
+            seeds=arrays["seeds"], outlier_removed=arrays["outlier_removed"], random_removed=arrays["random_removed"],
+            loss=arrays["loss"], accuracy=arrays["accuracy"], n_test=int(attrs.get("n_test", -1)),
+        )
+    raise ConfigurationError(f"{name} in {store} is not a 'tracin verify' result (mode {mode!r}). "
+                             "Pass a name that starts with verify/.")
