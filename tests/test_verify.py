@@ -309,3 +309,76 @@ def test_outlier_figure_written(tmp_path):
 
     height, width, _ = matplotlib.image.imread(path).shape
     assert (width, height) == (round(110 * 6.4), round(110 * 3.2))
+
+
+class Interrupt(Exception):
+    """Raised by a progress callback to stop a verify run between retrainings."""
+
+
+def stop_after(count: int):
+    def progress(done: int, total: int) -> None:
+        if done == count:
+            raise Interrupt(f"stopped after {done} of {total}")
+
+    return progress
+
+
+def count_retrainings(monkeypatch) -> list[int]:
+    """Count calls of tracin.verify.retrain from now on; return the list that collects them."""
+    calls: list[int] = []
+    original = verify_api.retrain
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(verify_api, "retrain", counted)
+    return calls
+
+
+def store_copy(run_dir: Path, target: Path) -> Path:
+    target.write_bytes((run_dir / "tracin.h5").read_bytes())
+    return target
+
+
+def test_interrupted_verify_resumes_with_same_losses(run_dir, tmp_path, monkeypatch):
+    reference = verify_test_examples(run_dir, store_copy(run_dir, tmp_path / "reference.h5"), [0], K, seeds=1,
+                                     enable_progress_bar=False)
+    store = store_copy(run_dir, tmp_path / "tracin.h5")
+    with pytest.raises(Interrupt):
+        verify_test_examples(run_dir, store, [0], K, seeds=1, enable_progress_bar=False, progress=stop_after(2))
+    journals = list(tmp_path.glob("tracin.h5.verify-*.json"))
+    assert len(journals) == 1
+    assert len(json.loads(journals[0].read_text())["entries"]) == 2
+
+    calls = count_retrainings(monkeypatch)
+    resumed = verify_test_examples(run_dir, store, [0], K, seeds=1, enable_progress_bar=False)
+
+    assert len(calls) == 1
+    np.testing.assert_array_equal(resumed.loss, reference.loss)
+    assert not list(tmp_path.glob("tracin.h5.verify-*"))
+
+
+def test_interrupted_outlier_verify_resumes(run_dir, tmp_path, monkeypatch):
+    store = store_copy(run_dir, tmp_path / "tracin.h5")
+    with pytest.raises(Interrupt):
+        verify_outliers(run_dir, store, K, seeds=1, enable_progress_bar=False, progress=stop_after(1))
+
+    calls = count_retrainings(monkeypatch)
+    resumed = verify_outliers(run_dir, store, K, seeds=1, enable_progress_bar=False)
+
+    assert len(calls) == 2
+    assert np.isfinite(resumed.loss).all()
+    assert not list(tmp_path.glob("tracin.h5.verify-*"))
+
+
+def test_verify_with_other_k_ignores_journal(run_dir, tmp_path, monkeypatch):
+    store = store_copy(run_dir, tmp_path / "tracin.h5")
+    with pytest.raises(Interrupt):
+        verify_test_examples(run_dir, store, [0], K, seeds=1, enable_progress_bar=False, progress=stop_after(2))
+
+    calls = count_retrainings(monkeypatch)
+    verify_test_examples(run_dir, store, [0], K + 1, seeds=1, enable_progress_bar=False)
+
+    assert len(calls) == 3
+    assert len(list(tmp_path.glob("tracin.h5.verify-*.json"))) == 1

@@ -13,6 +13,10 @@ removing as many random examples. This module retrains the run from scratch
 The three ways of one seed share the seed, so they differ only by the removed
 examples. A removal that helps the estimate shows up as a loss change that is
 larger for the influence-picked examples than for the random ones.
+
+Each finished retraining is journaled next to the store
+(:mod:`tracin.verify_journal`), so the same call after an interruption skips
+the retrainings already done.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from tracin.errors import ConfigurationError
 from tracin.influence import InfluenceContext, ensure_train_gradients, top_k_influence
@@ -33,6 +36,7 @@ from tracin.rebuild import RebuiltRun, rebuild_run
 from tracin.retrain import evaluate, retrain, train_loader, trainer_settings
 from tracin.selection import check_indices
 from tracin.store import StoredRun, read_result, read_run
+from tracin.verify_journal import RetrainingJournal
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +174,20 @@ def random_removal(n_train: int, k: int, seed: int, test_index: int = -1) -> np.
     return generator.choice(n_train, size=k, replace=False).astype(np.int64)
 
 
+class _Counter:
+    """Count finished retrainings, journaled ones included, and report them to a progress callback."""
+
+    def __init__(self, total: int, progress: ProgressCallback | None) -> None:
+        self.total = total
+        self.finished = 0
+        self.progress = progress
+
+    def step(self) -> None:
+        self.finished += 1
+        if self.progress is not None:
+            self.progress(self.finished, self.total)
+
+
 class _RunOpener:
     """Rebuild the run behind a store once, and check that its train split matches the store."""
 
@@ -246,27 +264,32 @@ def verify_test_examples(
     n_test, n_seeds = len(indices), len(seed_array)
     random_removed = np.empty((n_test, n_seeds, k), dtype=np.int64)
     loss = np.full((n_test, len(TEST_WAYS), n_seeds), np.nan)
-    total = n_seeds * (1 + 2 * n_test)
-    finished = 0
+    journal = RetrainingJournal(store, {
+        "mode": "test_examples", "k": k, "normalize": normalize, "seeds": seed_array.tolist(),
+        "test_index": indices.tolist(), "proponents": top.proponent_index.tolist(), "settings": resolved,
+        "n_train": opened.n_train,
+    })
+    counter = _Counter(n_seeds * (1 + 2 * n_test), progress)
 
-    def fit(removed: np.ndarray, seed: int) -> nn.Module:
-        nonlocal finished
-        model = retrain(run_dir, removed, seed, config_text=opened.config_text, settings=resolved,
-                        enable_progress_bar=enable_progress_bar).model
-        finished += 1
-        if progress is not None:
-            progress(finished, total)
-        return model
+    def test_losses(entry: str, removed: np.ndarray, seed: int, evaluated: np.ndarray) -> list[float]:
+        def compute() -> list[float]:
+            model = retrain(run_dir, removed, seed, config_text=opened.config_text, settings=resolved,
+                            enable_progress_bar=enable_progress_bar).model
+            return evaluate(model, test, evaluated)[0].tolist()
+
+        values, _ = journal.result(entry, compute)
+        counter.step()
+        return values
 
     for column, seed in enumerate(seed_array.tolist()):
-        baseline = fit(np.empty(0, dtype=np.int64), seed)
-        loss[:, 2, column] = evaluate(baseline, test, indices)[0]
+        loss[:, 2, column] = test_losses(f"seed={seed}/baseline", np.empty(0, dtype=np.int64), seed, indices)
         for row, test_index in enumerate(indices.tolist()):
             random_removed[row, column] = random_removal(opened.n_train, k, seed, test_index)
             for way, removed in ((0, top.proponent_index[row]), (1, random_removed[row, column])):
-                model = fit(removed, seed)
-                loss[row, way, column] = evaluate(model, test, [test_index])[0][0]
-        logger.debug("seed %d done: %d of %d retrainings", seed, finished, total)
+                entry = f"seed={seed}/test={test_index}/{TEST_WAYS[way]}"
+                loss[row, way, column] = test_losses(entry, removed, seed, np.array([test_index]))[0]
+        logger.debug("seed %d done: %d of %d retrainings", seed, counter.finished, counter.total)
+    journal.remove()
 
     return TestExampleVerification(
         test_index=indices,
@@ -338,20 +361,24 @@ def verify_outliers(
     random_removed = np.empty((n_seeds, k), dtype=np.int64)
     loss = np.full((len(OUTLIER_WAYS), n_seeds), np.nan)
     accuracy = np.full((len(OUTLIER_WAYS), n_seeds), np.nan)
-    total = len(OUTLIER_WAYS) * n_seeds
-    finished = 0
+    journal = RetrainingJournal(store, {
+        "mode": "outliers", "k": k, "seeds": seed_array.tolist(), "outliers": outliers.tolist(),
+        "settings": resolved, "n_train": opened.n_train,
+    })
+    counter = _Counter(len(OUTLIER_WAYS) * n_seeds, progress)
     for column, seed in enumerate(seed_array.tolist()):
         random_removed[column] = random_removal(opened.n_train, k, seed)
         ways = (outliers, random_removed[column], np.empty(0, dtype=np.int64))
         for way, removed in enumerate(ways):
-            model = retrain(run_dir, removed, seed, config_text=opened.config_text, settings=resolved,
-                            enable_progress_bar=enable_progress_bar).model
-            losses, correct = evaluate(model, test)
-            loss[way, column] = losses.mean()
-            accuracy[way, column] = correct.mean()
-            finished += 1
-            if progress is not None:
-                progress(finished, total)
+            def compute(removed: np.ndarray = removed, seed: int = seed) -> list[float]:
+                model = retrain(run_dir, removed, seed, config_text=opened.config_text, settings=resolved,
+                                enable_progress_bar=enable_progress_bar).model
+                losses, correct = evaluate(model, test)
+                return [losses.mean(), correct.mean()]
+
+            (loss[way, column], accuracy[way, column]), _ = journal.result(f"seed={seed}/{OUTLIER_WAYS[way]}", compute)
+            counter.step()
+    journal.remove()
 
     return OutlierVerification(
         seeds=seed_array,
