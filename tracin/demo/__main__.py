@@ -118,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         f"({truly / max(len(top_decile), 1):.1%}). Training took {trained - started:.0f} s, tracing "
         f"{scored - trained:.0f} s. Contact sheet: {picture}"
     )
+    console.print(
+        "Next, ask which train images made the model predict what it did for test images, and check the "
+        "answer by retraining:\n"
+        f"  tracin influence {store} --test 0:3 --top 8 --png {checkpoint_dir.parent / 'influence.png'}\n"
+        f"  tracin verify {checkpoint_dir} --store {store} --test 0 --remove 500 --seeds 3",
+        soft_wrap=True,
+    )
     return 0
 
 
