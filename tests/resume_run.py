@@ -42,7 +42,13 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--order", choices=["batch", "checkpoint"], default="batch",
+                        help="outer loop of the passes; checkpoint turns off the weight cache")
     args = parser.parse_args()
+    if args.order == "checkpoint":
+        import tracin.passes
+
+        tracin.passes.WEIGHT_CACHE_BYTES = -1
 
     torch.manual_seed(0)
     model = TinyMLP()

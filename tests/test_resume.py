@@ -14,9 +14,13 @@ from tracin.errors import StoreError
 from tracin.store import OutputLock, partial_path
 
 SCRIPT = Path(__file__).with_name("resume_run.py")
-# 200 examples in batches of 16 make 13 batches per checkpoint. The loss runs once per batch, plus
-# once to check its shape, so call 20 is the 6th batch of the second checkpoint.
+# 200 examples in batches of 16 make 13 batches per checkpoint, and there are 3 checkpoints. The loss
+# runs once per block, so call N kills the run in block N after N - 1 blocks are done. With
+# checkpoints outermost, call 20 is the 7th batch of the second checkpoint; with batches outermost,
+# it is batch 6 at the second checkpoint, after batches 0 to 5 at every checkpoint and batch 6 at
+# the first.
 KILL_MID_SECOND_CHECKPOINT = 20
+KILL_MID_SEVENTH_BATCH = 20
 
 
 def run_script(directory: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -33,11 +37,11 @@ def uninterrupted(tmp_path_factory):
     return directory, read_run(out)
 
 
-def test_kill_then_resume_equals_uninterrupted(uninterrupted):
+def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(uninterrupted):
     directory, full = uninterrupted
     out = directory / "killed.h5"
 
-    killed = run_script(directory, out, "--kill-at", str(KILL_MID_SECOND_CHECKPOINT))
+    killed = run_script(directory, out, "--order", "checkpoint", "--kill-at", str(KILL_MID_SECOND_CHECKPOINT))
 
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()
@@ -46,6 +50,30 @@ def test_kill_then_resume_equals_uninterrupted(uninterrupted):
     assert done[0].all()
     assert 0 < done[1].sum() < done.shape[1]
     assert not done[2].any()
+
+    resumed = run_script(directory, out, "--order", "checkpoint")
+
+    assert resumed.returncode == 0, resumed.stderr
+    result = read_run(out)
+    np.testing.assert_array_equal(result.train["self_influence"], full.train["self_influence"])
+    np.testing.assert_array_equal(result.train["loss"], full.train["loss"])
+    np.testing.assert_array_equal(result.train["index"], full.train["index"])
+    assert not partial_path(out).exists()
+
+
+def test_kill_mid_batch_row_then_resume_equals_uninterrupted(uninterrupted):
+    directory, full = uninterrupted
+    out = directory / "killed_batch_order.h5"
+
+    killed = run_script(directory, out, "--kill-at", str(KILL_MID_SEVENTH_BATCH))
+
+    assert killed.returncode == -9, killed.stderr
+    with h5py.File(partial_path(out), "r") as partial:
+        done = partial["progress/done"][...]
+    assert done[:, :6].all()
+    assert done[0, 6]
+    assert not done[1:, 6].any()
+    assert not done[:, 7:].any()
 
     resumed = run_script(directory, out)
 

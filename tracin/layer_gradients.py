@@ -103,6 +103,7 @@ class LayerGradientComputer:
         # Parameters whose per-example gradients summed to autograd's batch gradient on a batch of the
         # current checkpoint. Later batches skip the check, which saves the backward pass to the weights.
         self._verified: set[str] = set()
+        self._verified_at: dict[int, set[str]] = {}
 
     def _covered(self) -> set[str]:
         return {_join(layer.name, local) for layer in self.layers.values() for local in layer.params}
@@ -124,8 +125,11 @@ class LayerGradientComputer:
         return prepared
 
     def start_checkpoint(self, position: int) -> None:
-        """Check every layer again at the new checkpoint, and select its projection matrices when projecting."""
-        self._verified.clear()
+        """Switch to checkpoint ``position``: its own set of checked layers, and its projection matrices.
+
+        A checkpoint seen for the first time checks every layer again on its next batch.
+        """
+        self._verified = self._verified_at.setdefault(position, set())
         if self.projector is not None:
             self.projector.start_checkpoint(position)
 
