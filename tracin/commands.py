@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -312,6 +313,8 @@ def verify(args: argparse.Namespace, make_progress: Callable) -> int:
     settings = {"accelerator": args.accelerator} if args.accelerator else None
     # Each retraining builds a Trainer, and Lightning logs its devices and a tip at info level every time.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    # Lightning 2.6 with torch 2.13 warns about its own use of torch's LeafSpec once per fit.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
     if outliers:
         with make_progress("retraining") as progress:
