@@ -160,6 +160,13 @@ def test_bad_selection_rejected(text):
     assert repr(text.strip()) in str(error.value) or "out of range" in str(error.value)
 
 
+@pytest.mark.parametrize(("text", "message"), [("5:5", "selects nothing"), ("5:3", "selects nothing"),
+                                                ("25:31", "is out of range for the test split of 30")])
+def test_bad_range_message_names_problem(text, message):
+    with pytest.raises(SelectionError, match=message):
+        parse_selection(text, 30)
+
+
 def test_selection_parses_ranges_and_indices():
     assert parse_selection("3,10:13,3", 30).tolist() == [3, 10, 11, 12]
     assert parse_selection(":2", 30).tolist() == [0, 1]

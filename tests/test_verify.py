@@ -382,3 +382,32 @@ def test_verify_with_other_k_ignores_journal(run_dir, tmp_path, monkeypatch):
 
     assert len(calls) == 3
     assert len(list(tmp_path.glob("tracin.h5.verify-*.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "message"),
+    [
+        ("tpu", r"accelerator 'tpu' \(passed\) is not available here"),
+        ("foo", r"accelerator 'foo' \(passed\) is not one that pl.Trainer knows"),
+        pytest.param("gpu", r"accelerator 'gpu' \(passed\) needs CUDA or MPS",
+                     marks=pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                                              reason="this machine has a GPU")),
+    ],
+)
+def test_unavailable_accelerator_rejected(run_dir, accelerator, message):
+    with pytest.raises(ConfigurationError, match=message):
+        trainer_settings(read_manifest(run_dir), run_dir, {"accelerator": accelerator})
+
+
+def test_cpu_accelerator_override_kept(run_dir):
+    settings = trainer_settings(read_manifest(run_dir), run_dir, {"accelerator": "cpu"})
+
+    assert settings["accelerator"] == "cpu"
+    assert settings["max_epochs"] == EPOCHS
+
+
+def test_read_run_on_directory_names_store_file(tmp_path):
+    expected = f"is a directory. Pass the file that 'tracin score' wrote, e.g. {tmp_path / 'tracin.h5'}"
+
+    with pytest.raises(StoreError, match=expected):
+        read_run(tmp_path)

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="number of seeds, 0 to R-1, each shared by the three retrainings (default 3)")
     verify.add_argument("--store", type=Path, help="HDF5 store written by 'tracin score'; default RUN_DIR/tracin.h5")
     verify.add_argument("--accelerator",
-                        help="retrain on this accelerator (cpu, cuda, mps) instead of the one the run used")
+                        help="retrain on this accelerator (cpu, gpu, cuda, mps) instead of the one the run used")
     _add_gradient_options(verify)
     verify.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of a table")
     verify.add_argument("--png", type=Path,

@@ -109,21 +109,33 @@ def trainer_settings(
     settings = {key: recorded[key] for key in TRAINER_KEYS if key in recorded}
     settings.update(overrides)
     settings = {key: value for key, value in settings.items() if value is not None}
-    _check_accelerator(settings.get("accelerator", "auto"))
+    _check_accelerator(settings.get("accelerator", "auto"), overridden="accelerator" in overrides)
     return settings
 
 
-def _check_accelerator(name: str) -> None:
+def _check_accelerator(name: str, overridden: bool = False) -> None:
+    """Check that ``pl.Trainer`` knows the accelerator and that this machine has it.
+
+    ``gpu`` is Lightning's alias for whichever of ``cuda`` and ``mps`` is present.
+    """
+    source = "passed" if overridden else "recorded for the run"
     if name == "auto":
+        return
+    if name == "gpu":
+        if not any(AcceleratorRegistry[alias]["accelerator"].is_available() for alias in ("cuda", "mps")):
+            raise ConfigurationError(
+                f"accelerator 'gpu' ({source}) needs CUDA or MPS, which this machine lacks. Retrain on the CPU "
+                "with --accelerator cpu, or settings={'accelerator': 'cpu'} from Python."
+            )
         return
     if not isinstance(name, str) or name not in AcceleratorRegistry:
         raise ConfigurationError(
-            f"accelerator {name!r} of the run is not one that pl.Trainer knows ({sorted(AcceleratorRegistry)}). "
-            "Pass another accelerator, e.g. --accelerator cpu."
+            f"accelerator {name!r} ({source}) is not one that pl.Trainer knows: gpu, auto or one of "
+            f"{sorted(AcceleratorRegistry)}. Pass another accelerator, e.g. --accelerator cpu."
         )
     if not AcceleratorRegistry[name]["accelerator"].is_available():
         raise ConfigurationError(
-            f"the run trained on accelerator {name!r}, which is not available here. Retrain on another one "
+            f"accelerator {name!r} ({source}) is not available here. Retrain on another one "
             "with --accelerator cpu, or settings={'accelerator': 'cpu'} from Python. All retrainings then use "
             "it, so they stay comparable with each other."
         )

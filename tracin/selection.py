@@ -31,9 +31,14 @@ def parse_selection(text: str, size: int, what: str = "test") -> np.ndarray:
                 start_text, stop_text = part.split(":", 1)
                 start = int(start_text) if start_text else 0
                 stop = int(stop_text) if stop_text else size
-                if start < 0 or stop > size or start >= stop:
+                if start >= stop:
                     raise SelectionError(
-                        f"range {part!r} is out of range or empty for the {what} split of {size} examples; "
+                        f"range {part!r} selects nothing, because its start {start} is not below its stop {stop}; "
+                        f"use start:stop with 0 <= start < stop <= {size}."
+                    )
+                if start < 0 or stop > size:
+                    raise SelectionError(
+                        f"range {part!r} is out of range for the {what} split of {size} examples; "
                         f"use start:stop with 0 <= start < stop <= {size}."
                     )
                 indices.extend(range(start, stop))

@@ -359,6 +359,9 @@ def read_run(path: str | os.PathLike) -> StoredRun:
         StoreError: the file is missing, incomplete, of another format version or lacks a dataset.
     """
     path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"store {path} is a directory. Pass the file that 'tracin score' wrote, e.g. "
+                         f"{path / 'tracin.h5'}.")
     if not path.is_file():
         hint = f" An interrupted run left {partial_path(path)}; rerun the same command to finish it." if partial_path(path).exists() else ""
         raise StoreError(f"store {path} not found.{hint} Run 'tracin score' first.")
