@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -411,3 +412,20 @@ def test_read_run_on_directory_names_store_file(tmp_path):
 
     with pytest.raises(StoreError, match=expected):
         read_run(tmp_path)
+
+
+class CtrlC(pl.Callback):
+    """Raise KeyboardInterrupt at the third train batch, as Ctrl-C does."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_fit_raises_keyboard_interrupt(run_dir):
+    handler = signal.getsignal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="retraining with seed 0 was interrupted"):
+        retrain(run_dir, REMOVED, seed=0, callbacks=[CtrlC()], enable_progress_bar=False)
+
+    assert signal.getsignal(signal.SIGINT) is handler

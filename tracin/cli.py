@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TracInError as error:
         abort(str(error))
     except KeyboardInterrupt:
-        abort("interrupted; rerun the same command to resume from the blocks already stored.", 130)
+        abort("interrupted; rerun the same command to resume. Finished blocks and retrainings are kept.", 130)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -216,6 +217,7 @@ def retrain(
 
     Raises:
         ConfigurationError: the run cannot be rebuilt, has no datamodule, or ``removed`` is invalid.
+        KeyboardInterrupt: the fit was interrupted, e.g. by Ctrl-C, which Lightning catches.
     """
     pl.seed_everything(seed, verbose=False)
     run = rebuild_run(run_dir, config_text=config_text)
@@ -242,8 +244,27 @@ def retrain(
         # Retraining skips validation on purpose, so Lightning's hint about a missing
         # val_dataloader does not apply.
         warnings.filterwarnings("ignore", message=r".*validation_step.* but have no .*val_dataloader")
-        trainer.fit(run.model, train_dataloaders=loader)
+        _fit_or_interrupt(trainer, run.model, loader, seed)
     return Retrained(model=run.model, loader=loader, removed=removed)
+
+
+def _fit_or_interrupt(trainer: pl.Trainer, model: pl.LightningModule, loader: DataLoader, seed: int) -> None:
+    """Run ``trainer.fit`` and raise KeyboardInterrupt if Ctrl-C stopped it.
+
+    Lightning catches Ctrl-C inside ``fit``, ignores SIGINT from then on and calls
+    ``sys.exit(1)`` (older versions return normally instead). Either way a half-trained
+    model must not count as a retraining, so both become a KeyboardInterrupt, and the
+    SIGINT handler from before the fit is restored.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(model, train_dataloaders=loader)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+    if trainer.interrupted:
+        signal.signal(signal.SIGINT, handler)
+        raise KeyboardInterrupt(f"retraining with seed {seed} was interrupted")
 
 
 def train_loader(run: RebuiltRun, run_dir: str | os.PathLike) -> DataLoader:
