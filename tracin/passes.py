@@ -139,6 +139,11 @@ def batch_outer_passes(
         weights = load_weights(model, checkpoint)
         prepared[position] = computer.prepare({name: _cast(value, device, dtype) for name, value in weights.items()})
     total = len(loader.dataset) * len(checkpoints)
+    if not prepared:
+        # Every block is done, so no batch needs loading.
+        if progress is not None:
+            progress(total, total)
+        return
     done_examples = 0
     start = 0
     for batch_position, batch in enumerate(loader):

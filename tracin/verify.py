@@ -277,7 +277,7 @@ def verify_test_examples(
                             enable_progress_bar=enable_progress_bar).model
             return evaluate(model, test, evaluated)[0].tolist()
 
-        values, _ = journal.result(entry, compute)
+        values = journal.result(entry, compute)
         counter.step()
         return values
 
@@ -376,7 +376,7 @@ def verify_outliers(
                 losses, correct = evaluate(model, test)
                 return [losses.mean(), correct.mean()]
 
-            (loss[way, column], accuracy[way, column]), _ = journal.result(f"seed={seed}/{OUTLIER_WAYS[way]}", compute)
+            loss[way, column], accuracy[way, column] = journal.result(f"seed={seed}/{OUTLIER_WAYS[way]}", compute)
             counter.step()
     journal.remove()
 

@@ -46,18 +46,14 @@ class RetrainingJournal:
             else:
                 logger.info("resuming: %d retrainings already done, read from %s", len(self.entries), self.path)
 
-    def result(self, entry: str, compute: Callable[[], list[float]]) -> tuple[list[float], bool]:
-        """Return the metrics of one retraining, from the journal or by calling ``compute``.
-
-        Returns:
-            The metrics, and whether ``compute`` ran.
-        """
+    def result(self, entry: str, compute: Callable[[], list[float]]) -> list[float]:
+        """Return the metrics of one retraining, from the journal or by calling ``compute`` and journaling them."""
         if entry in self.entries:
-            return self.entries[entry], False
+            return self.entries[entry]
         values = [float(value) for value in compute()]
         self.entries[entry] = values
         self._write()
-        return values, True
+        return values
 
     def _write(self) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")
