@@ -389,7 +389,7 @@ def test_verify_with_other_k_ignores_journal(run_dir, tmp_path, monkeypatch):
     ("accelerator", "message"),
     [
         ("tpu", r"accelerator 'tpu' \(passed\) is not available here"),
-        ("foo", r"accelerator 'foo' \(passed\) is not one that pl.Trainer knows"),
+        ("foo", r"accelerator 'foo' \(passed\) is not one that pl.Trainer accepts"),
         pytest.param("gpu", r"accelerator 'gpu' \(passed\) needs CUDA or MPS",
                      marks=pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
                                               reason="this machine has a GPU")),

@@ -115,7 +115,7 @@ def trainer_settings(
 
 
 def _check_accelerator(name: str, overridden: bool = False) -> None:
-    """Check that ``pl.Trainer`` knows the accelerator and that this machine has it.
+    """Check that ``pl.Trainer`` accepts the accelerator and that this machine has it.
 
     ``gpu`` is Lightning's alias for whichever of ``cuda`` and ``mps`` is present.
     """
@@ -131,7 +131,7 @@ def _check_accelerator(name: str, overridden: bool = False) -> None:
         return
     if not isinstance(name, str) or name not in AcceleratorRegistry:
         raise ConfigurationError(
-            f"accelerator {name!r} ({source}) is not one that pl.Trainer knows: gpu, auto or one of "
+            f"accelerator {name!r} ({source}) is not one that pl.Trainer accepts: gpu, auto or one of "
             f"{sorted(AcceleratorRegistry)}. Pass another accelerator, e.g. --accelerator cpu."
         )
     if not AcceleratorRegistry[name]["accelerator"].is_available():

@@ -271,7 +271,7 @@ def verify_test_examples(
     })
     counter = _Counter(n_seeds * (1 + 2 * n_test), progress)
 
-    def test_losses(entry: str, removed: np.ndarray, seed: int, evaluated: np.ndarray) -> list[float]:
+    def retrained_losses(entry: str, removed: np.ndarray, seed: int, evaluated: np.ndarray) -> list[float]:
         def compute() -> list[float]:
             model = retrain(run_dir, removed, seed, config_text=opened.config_text, settings=resolved,
                             enable_progress_bar=enable_progress_bar).model
@@ -282,12 +282,12 @@ def verify_test_examples(
         return values
 
     for column, seed in enumerate(seed_array.tolist()):
-        loss[:, 2, column] = test_losses(f"seed={seed}/baseline", np.empty(0, dtype=np.int64), seed, indices)
+        loss[:, 2, column] = retrained_losses(f"seed={seed}/baseline", np.empty(0, dtype=np.int64), seed, indices)
         for row, test_index in enumerate(indices.tolist()):
             random_removed[row, column] = random_removal(opened.n_train, k, seed, test_index)
             for way, removed in ((0, top.proponent_index[row]), (1, random_removed[row, column])):
                 entry = f"seed={seed}/test={test_index}/{TEST_WAYS[way]}"
-                loss[row, way, column] = test_losses(entry, removed, seed, np.array([test_index]))[0]
+                loss[row, way, column] = retrained_losses(entry, removed, seed, np.array([test_index]))[0]
         logger.debug("seed %d done: %d of %d retrainings", seed, counter.finished, counter.total)
     journal.remove()
 
