@@ -37,6 +37,18 @@ def uninterrupted(tmp_path_factory):
     return directory, read_run(out)
 
 
+def assert_resume_equals(directory: Path, out: Path, full, *extra: str) -> None:
+    """Rerun the killed trace and check that its scores equal the uninterrupted run's."""
+    resumed = run_script(directory, out, *extra)
+
+    assert resumed.returncode == 0, resumed.stderr
+    result = read_run(out)
+    np.testing.assert_array_equal(result.train["self_influence"], full.train["self_influence"])
+    np.testing.assert_array_equal(result.train["loss"], full.train["loss"])
+    np.testing.assert_array_equal(result.train["index"], full.train["index"])
+    assert not partial_path(out).exists()
+
+
 def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(uninterrupted):
     directory, full = uninterrupted
     out = directory / "killed.h5"
@@ -51,14 +63,7 @@ def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(uninterrupted):
     assert 0 < done[1].sum() < done.shape[1]
     assert not done[2].any()
 
-    resumed = run_script(directory, out, "--order", "checkpoint")
-
-    assert resumed.returncode == 0, resumed.stderr
-    result = read_run(out)
-    np.testing.assert_array_equal(result.train["self_influence"], full.train["self_influence"])
-    np.testing.assert_array_equal(result.train["loss"], full.train["loss"])
-    np.testing.assert_array_equal(result.train["index"], full.train["index"])
-    assert not partial_path(out).exists()
+    assert_resume_equals(directory, out, full, "--order", "checkpoint")
 
 
 def test_kill_mid_batch_row_then_resume_equals_uninterrupted(uninterrupted):
@@ -75,14 +80,7 @@ def test_kill_mid_batch_row_then_resume_equals_uninterrupted(uninterrupted):
     assert not done[1:, 6].any()
     assert not done[:, 7:].any()
 
-    resumed = run_script(directory, out)
-
-    assert resumed.returncode == 0, resumed.stderr
-    result = read_run(out)
-    np.testing.assert_array_equal(result.train["self_influence"], full.train["self_influence"])
-    np.testing.assert_array_equal(result.train["loss"], full.train["loss"])
-    np.testing.assert_array_equal(result.train["index"], full.train["index"])
-    assert not partial_path(out).exists()
+    assert_resume_equals(directory, out, full)
 
 
 def test_resume_with_other_batch_size_names_field(uninterrupted):
