@@ -48,7 +48,7 @@ def test_demo_prints_recall_and_writes_store(demo):
     assert (run_dir / "top_outliers.png").is_file()
 
 
-def test_demo_next_influence_command_runs(demo):
+def test_demo_influence_command_runs(demo):
     run_dir, result = demo
     lines = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("tracin influence")]
     assert len(lines) == 1, describe(result)
@@ -62,7 +62,7 @@ def test_demo_next_influence_command_runs(demo):
         assert f"Test example {test_index}: label" in followed.stdout, describe(followed)
 
 
-def test_demo_next_verify_command_names_existing_paths(demo):
+def test_demo_verify_command_paths(demo):
     run_dir, result = demo
     lines = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("tracin verify")]
     assert len(lines) == 1, describe(result)

@@ -16,7 +16,7 @@ from tracin.store import OutputLock, partial_path
 SCRIPT = Path(__file__).with_name("resume_run.py")
 # 200 examples in batches of 16 make 13 batches per checkpoint, and there are 3 checkpoints. The loss
 # runs once per block, so call N kills the run in block N after N - 1 blocks are done. With
-# checkpoints outermost, call 20 is the 7th batch of the second checkpoint; with batches outermost,
+# checkpoints outermost, call 20 is the 7th batch of the second checkpoint. With batches outermost,
 # it is batch 6 at the second checkpoint, after batches 0 to 5 at every checkpoint and batch 6 at
 # the first.
 KILL_MID_SECOND_CHECKPOINT = 20
@@ -49,7 +49,7 @@ def assert_resume_equals(directory: Path, out: Path, full, *extra: str) -> None:
     assert not partial_path(out).exists()
 
 
-def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(uninterrupted):
+def test_resume_after_mid_checkpoint_kill(uninterrupted):
     directory, full = uninterrupted
     out = directory / "killed.h5"
 
@@ -66,7 +66,7 @@ def test_kill_mid_checkpoint_then_resume_equals_uninterrupted(uninterrupted):
     assert_resume_equals(directory, out, full, "--order", "checkpoint")
 
 
-def test_kill_mid_batch_row_then_resume_equals_uninterrupted(uninterrupted):
+def test_resume_after_mid_row_kill(uninterrupted):
     directory, full = uninterrupted
     out = directory / "killed_batch_order.h5"
 

@@ -248,7 +248,7 @@ def copy_run(run_dir: Path, target: Path, keep_trainer: bool = True) -> Path:
     return target
 
 
-def test_verify_without_trainer_settings_fails_before_train_gradients(run_dir, tmp_path):
+def test_missing_trainer_settings_fail_early(run_dir, tmp_path):
     copy = copy_run(run_dir, tmp_path / "old_run", keep_trainer=False)
     run = rebuild_run(copy)
     store = copy / "tracin.h5"
@@ -342,7 +342,7 @@ def store_copy(run_dir: Path, target: Path) -> Path:
     return target
 
 
-def test_interrupted_verify_resumes_with_same_losses(run_dir, tmp_path, monkeypatch):
+def test_interrupted_verify_resumes_same_losses(run_dir, tmp_path, monkeypatch):
     reference = verify_test_examples(run_dir, store_copy(run_dir, tmp_path / "reference.h5"), [0], K, seeds=1,
                                      enable_progress_bar=False)
     store = store_copy(run_dir, tmp_path / "tracin.h5")
@@ -407,7 +407,7 @@ def test_cpu_accelerator_override_kept(run_dir):
     assert settings["max_epochs"] == EPOCHS
 
 
-def test_read_run_on_directory_names_store_file(tmp_path):
+def test_read_run_directory_rejected(tmp_path):
     expected = f"is a directory. Pass the file that 'tracin score' wrote, e.g. {tmp_path / 'tracin.h5'}"
 
     with pytest.raises(StoreError, match=expected):
@@ -422,7 +422,7 @@ class CtrlC(pl.Callback):
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_during_fit_raises_keyboard_interrupt(run_dir):
+def test_ctrl_c_in_fit_raises(run_dir):
     handler = signal.getsignal(signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt, match="retraining with seed 0 was interrupted"):

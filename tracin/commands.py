@@ -68,6 +68,11 @@ def score(args: argparse.Namespace, make_progress: Callable) -> int:
         )
     logger.info("wrote %s", out)
     _render(summary.run, args, train)
+    return _exit_status(summary)
+
+
+def _exit_status(summary) -> int:
+    """Return EXIT_ZERO_GRADIENTS when every score is zero (zero gradients or zero learning rates), else 0."""
     every_lr_zero = len(summary.zero_lr_checkpoints) == len(summary.run.checkpoints)
     return EXIT_ZERO_GRADIENTS if summary.all_zero_gradients or every_lr_zero else 0
 
@@ -115,8 +120,7 @@ def _score_with_fabric(args: argparse.Namespace, run: RebuiltRun, train, out, lr
         return 0
     logger.info("wrote %s", out)
     _render(summary.run, args, train)
-    every_lr_zero = len(summary.zero_lr_checkpoints) == len(summary.run.checkpoints)
-    return EXIT_ZERO_GRADIENTS if summary.all_zero_gradients or every_lr_zero else 0
+    return _exit_status(summary)
 
 
 class _ProgressOnFirstUpdate:

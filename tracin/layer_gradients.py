@@ -26,9 +26,9 @@ batch takes the ``vmap`` path and the next batch is checked instead. Later
 batches skip the check, which saves the backward pass to the weights.
 
 NOTE: a weight used outside its module only on some batches (a data-dependent
-branch) is caught only if such a batch comes first at some checkpoint;
-``method="vmap"`` makes no such assumption. Parameters of other layers take the ``vmap`` path from the start,
-and the log says which path each layer takes.
+branch) is caught only if such a batch comes first at some checkpoint, and
+``method="vmap"`` makes no such assumption. Parameters of other layers take the
+``vmap`` path from the start, and the log says which path each layer takes.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class LayerGradientComputer:
             and not isinstance(layer.module, BATCH_NORMS)
             and self.projector.is_kronecker(name)
         )
-        # Once a layer passed the check at this checkpoint, its batch sums are not needed: for the
+        # Once a layer passed the check at this checkpoint, its batch sums are not needed. For the
         # Gram and Kronecker paths they cost as much as the weight gradient of a plain backward pass.
         check = any(_join(layer.name, local) not in self._verified for local in layer.params)
         values, sums = _layer_results(layer, calls, materialize=mode != "norm", form_weight=not kronecker,
